@@ -1,0 +1,48 @@
+"""tokenflow_jax: JAX/Flax implementation of TokenFlow (arXiv 2412.03069).
+
+Install order matters on CPU machines: install ``torch==2.13.0`` (the CPU build) *before* the
+``test`` extra, or pip resolves a CUDA build with several GB of nvidia-* wheels.
+``launch/setup_env.sh`` does this for you.
+"""
+from setuptools import find_packages, setup
+
+# Every version is pinned: unpinned installs resolved to different orbax/transformers releases
+# on different days (see shared ENV_NOTES.md), and checkpoint formats follow those versions.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "ml_collections==1.1.0",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources==7.1.0",  # tfds needs it but does not declare it
+    "array_record==0.8.6",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "huggingface_hub==2.4.0",
+    "numpy==2.4.6",
+    "absl-py==2.5.1",
+    "pillow==13.0.0",
+    "tqdm==4.70.1",
+]
+
+EXTRAS = {
+    # torch must already be installed as 2.13.0+cpu; the pin here keeps pip from upgrading it.
+    "test": ["pytest==9.2.0", "scikit-image==0.26.0", "torch==2.13.0", "ruff==0.17.6", "portpicker==1.6.0"],
+    "tpu": ["jax[tpu]==0.10.2"],
+    "gpu": ["jax[cuda12]==0.10.2"],
+}
+
+setup(
+    name="tokenflow-jax",
+    version="0.1.0",
+    description="TokenFlow unified image tokenizer and downstream models in JAX/Flax",
+    packages=find_packages(include=["tokenflow_jax", "tokenflow_jax.*", "configs"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["tokenflow-jax=tokenflow_jax.cli:main"]},
+)

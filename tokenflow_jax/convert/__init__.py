@@ -1,0 +1,1 @@
+"""Weight import and export (HF transformers towers, official TokenFlow checkpoints)."""

@@ -1,0 +1,1 @@
+"""Numerics that must match the PyTorch reference exactly."""
