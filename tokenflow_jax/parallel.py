@@ -100,6 +100,12 @@ def logical_to_mesh_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mes
     return _fit_to_shape(mesh_spec, shape, mesh)
 
 
+def unbox_without_constraints(tree: Any) -> Any:
+    """``nn.unbox`` that never applies sharding constraints (safe inside ``jax.set_mesh``)."""
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
+
+
 def shardings_from_abstract(abstract_boxed: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     """NamedShardings for a (possibly boxed) abstract pytree from ``jax.eval_shape(model.init, ...)``.
 
@@ -107,7 +113,7 @@ def shardings_from_abstract(abstract_boxed: Any, mesh: Mesh, rules=DEFAULT_RULES
     Returns a tree with the structure of ``nn.unbox(abstract_boxed)``.
     """
     logical_specs = nn.get_partition_spec(abstract_boxed)
-    unboxed = nn.unbox(abstract_boxed)
+    unboxed = unbox_without_constraints(abstract_boxed)
 
     def one(spec, leaf):
         if not isinstance(spec, PartitionSpec):

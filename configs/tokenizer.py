@@ -1,0 +1,101 @@
+"""TokenFlow tokenizer configs.
+
+Variants (``configs/tokenizer.py:ARG``):
+  tiny    CPU-sized model for tests and demos: 64 px, 8x8 token grid, scales (1, 2, 4, 6, 8), K = 1024.
+  b       TokenFlow-B: CLIP ViT-B/16 semantic encoder at 224 px, 14x14 grid, 8 scales (561 tokens).
+          Options: res=256 interpolates the position tables to 16x16 and adds the 16 scale (9 scales,
+          817 tokens; the released t2i tokenizer); enhanced=True uses the 2x pixel decoder (ch 256, 4 res).
+  xl      TokenFlow-XL: SigLIP so400m (hidden_states[-2]) at 384 px, pixel branch at 432, 27x27 grid,
+          15 scales (2,227 tokens).
+
+Every number comes from SPEC.md (sections 2.1-2.9, 3.3). Examples:
+
+  tokenflow-jax reconstruct --config configs/tokenizer.py:tiny --images builtin --out /tmp/recon
+  tokenflow-jax reconstruct --config configs/tokenizer.py:b,res=256,enhanced --checkpoint CKPT --images a.png
+  ... --config.quantizer.w_dis=0.5 --config.quantizer.codebook_update=ema
+"""
+from configs import common
+
+B_SCALES = (1, 2, 4, 6, 8, 10, 12, 14)
+XL_SCALES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 17, 22, 27)
+
+
+def vit(flavour, width, depth, heads, mlp, patch, pos_grid, in_channels=3):
+    return common.ConfigDict(dict(
+        flavour=flavour, width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
+        patch_size=patch, pos_grid=pos_grid, in_channels=in_channels, remat=False,
+    ))
+
+
+def cnn(ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, num_groups=32):
+    return common.ConfigDict(dict(
+        ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
+        num_groups=num_groups, remat=False,
+    ))
+
+
+def quantizer(codebook_size, scales):
+    return common.ConfigDict(dict(
+        codebook_size=codebook_size, semantic_dim=32, pixel_dim=8, scales=tuple(scales),
+        w_dis=1.0,               # shared-mapping weight of the pixel distance (SPEC 2.6)
+        beta=0.25,               # commitment weight (training script and paper)
+        entropy_weight=0.0, entropy_temperature=0.01,
+        scale_drop_prob=0.1,     # training only: drop one scale (never the first) per forward
+        codebook_update="loss",  # or 'ema' (decayed counts/sums, Laplace smoothing, dead-code restart)
+        ema_decay=0.99, ema_epsilon=1e-5, dead_code_threshold=1.0,
+        usage_window=100,
+        search_memory_bytes=64 * 2**20,
+        codebook_axis=None,      # e.g. 'tensor' to shard the codebook in the nearest-code search
+    ))
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, variant="tiny", res=0, enhanced=False)
+    config = common.ConfigDict()
+    config.recipe = "tokenizer"
+    config.seed = 0
+    config.dtype = "float32"
+
+    m = config.model = common.ConfigDict()
+    if arg.variant == "tiny":
+        m.image_size = 64
+        m.semantic_encoder = vit("clip", 64, 2, 4, 256, 8, 8)
+        m.semantic_decoder = vit("beit", 64, 2, 4, 256, 1, 8, in_channels=32)
+        m.pixel_encoder = cnn(32, (1, 2, 2, 4), num_res_blocks=1, z_channels=32, num_groups=8)
+        m.pixel_decoder = cnn(32, (1, 2, 2, 4), num_res_blocks=1, z_channels=32, num_groups=8)
+        m.semantic_out_dim = 64
+        m.pixel_resolution = 0
+        m.input_scaling = "none"
+        config.quantizer = quantizer(1024, (1, 2, 4, 6, 8))
+    elif arg.variant == "b":
+        res = arg.res or 224
+        if res not in (224, 256):
+            raise ValueError(f"tokenizer b supports res=224 (native) or res=256 (interpolated), got {res}")
+        m.image_size = res
+        m.semantic_encoder = vit("clip", 768, 12, 12, 3072, 16, 14)  # OpenAI CLIP ViT-B/16 @224
+        m.semantic_decoder = vit("beit", 768, 3, 12, 3072, 1, 14, in_channels=32)
+        m.pixel_encoder = cnn(128)
+        # The enhanced decoder (stage 2 of training) doubles the width and has 5 blocks per level.
+        m.pixel_decoder = cnn(256, num_res_blocks=4) if arg.enhanced else cnn(128)
+        m.semantic_out_dim = 512  # CLIP visual.proj output, the teacher's feature width
+        m.pixel_resolution = 0
+        m.input_scaling = "none"  # clipb_224 feeds [-1, 1] straight into the encoder
+        config.quantizer = quantizer(32768, B_SCALES + ((16,) if res == 256 else ()))
+    elif arg.variant == "xl":
+        m.image_size = 384
+        # so400m has 27 layers; TokenFlow uses hidden_states[-2], so 26 are built and run.
+        m.semantic_encoder = vit("siglip", 1152, 26, 16, 4304, 14, 27)
+        m.semantic_decoder = vit("beit", 1152, 3, 12, 4608, 1, 27, in_channels=32)
+        m.pixel_encoder = cnn(128)
+        m.pixel_decoder = cnn(128)
+        m.semantic_out_dim = 1152
+        m.pixel_resolution = 432  # pixel branch sees x bicubic-resized to 16 * 27
+        m.input_scaling = "siglip"
+        config.quantizer = quantizer(32768, XL_SCALES)
+    else:
+        raise ValueError(f"unknown tokenizer variant {arg.variant!r}; expected tiny, b or xl")
+
+    config.mesh = common.ConfigDict(dict(shape=(-1, 1, 1), axes=("data", "fsdp", "tensor")))
+    # Pretrained weights: a TokenFlow checkpoint (orbax dir) and/or an HF tower for the semantic encoder.
+    config.init = common.ConfigDict(dict(checkpoint="", semantic_encoder=""))
+    return config

@@ -1,0 +1,328 @@
+"""Shared-mapping multi-scale residual quantizer (SPEC 2.6 and 2.7).
+
+Two codebooks of the same size K share one index space: the semantic codebook [K, 32] and the
+pixel codebook [K, 8]. A 40-channel token is split into its semantic and pixel halves, each half
+and each codebook row is L2-normalised, and ONE index is chosen per token:
+
+    index = argmin_k  d_sem(k) + w_dis * d_pix(k)
+
+That index fetches both normalised entries (the 40-d quantised vector). Multi-scale residual
+quantisation runs this at every scale of the schedule on an area-downsampled residual, upsamples
+each scale's result bicubically to the final grid and accumulates it; the residual loses the
+(stop-gradient) upsampled vector. Every scale has its own straight-through estimator and loss terms,
+averaged over the scales used; in training one scale (never the first) is dropped with probability
+``scale_drop_prob``.
+
+Codebook learning is either by the codebook loss (the reference) or by exponential moving averages
+(``codebook_update='ema'``): decayed assignment counts with Laplace smoothing, decayed sums of the
+assigned (normalised) encoder outputs, and restarts of dead codes from the step's encoder outputs.
+Under a mesh the statistics are global sums over every data-parallel device, because the train
+step works on global arrays.
+
+State (collection ``'quantizer'``, updated only in training when the collection is mutable):
+  code_age [K] int32          steps since each code was last chosen (usage over a window);
+  ema_count [K], ema_sum_semantic [K, 32], ema_sum_pixel [K, 8], codebook_semantic, codebook_pixel
+                              (EMA mode only; the codebooks then live here instead of in params).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokenflow_jax.ops import nearest_code, resize
+
+NEVER_USED = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerConfig:
+    codebook_size: int = 32768
+    semantic_dim: int = 32
+    pixel_dim: int = 8
+    scales: tuple[int, ...] = (1, 2, 4, 6, 8, 10, 12, 14, 16)
+    w_dis: float = 1.0  # weight of the pixel distance in the shared mapping
+    beta: float = 0.25  # commitment weight (training script and paper; ModelArgs' 1.0 is unused)
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
+    scale_drop_prob: float = 0.1
+    codebook_update: str = "loss"  # 'loss' (reference) | 'ema'
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+    dead_code_threshold: float = 1.0  # EMA count under which a code is restarted (EMA mode)
+    usage_window: int = 100  # steps; a code counts as used if chosen within the window
+    search_memory_bytes: int = nearest_code.DEFAULT_MEMORY_BYTES
+    codebook_axis: str | None = None  # mesh axis to shard the codebook over in the search
+
+    def __post_init__(self):
+        if self.codebook_update not in ("loss", "ema"):
+            raise ValueError(f"quantizer.codebook_update must be 'loss' or 'ema', got {self.codebook_update!r}")
+        if list(self.scales) != sorted(set(self.scales)) or not self.scales or self.scales[0] < 1:
+            raise ValueError(f"quantizer.scales must be strictly increasing positive ints, got {self.scales}")
+
+    @property
+    def code_dim(self) -> int:
+        return self.semantic_dim + self.pixel_dim
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s * s for s in self.scales)
+
+    def scales_for_length(self, length: int) -> tuple[int, ...]:
+        """The leading scales whose token counts sum to ``length`` (a prefix of the schedule)."""
+        total, used = 0, []
+        for s in self.scales:
+            total += s * s
+            used.append(s)
+            if total == length:
+                return tuple(used)
+        valid = np.cumsum([s * s for s in self.scales]).tolist()
+        raise ValueError(f"{length} indices do not cover a prefix of the scales {self.scales}; valid lengths: {valid}")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) over the last axis (torch ``F.normalize``)."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def codebook_init(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+    """uniform(-1/K, 1/K), then rows L2-normalised (the reference's initialisation)."""
+    k = shape[0]
+    return l2_normalize(jax.random.uniform(key, shape, dtype, -1.0 / k, 1.0 / k))
+
+
+def entropy_loss(neg_distance: jax.Array, temperature: float) -> jax.Array:
+    """Sample entropy minus batch-mean entropy of softmax(-d / T) (reference ``compute_entropy_loss``)."""
+    logits = neg_distance / temperature
+    probs = jax.nn.softmax(logits, axis=-1)
+    log_probs = jax.nn.log_softmax(logits + 1e-5, axis=-1)
+    avg_probs = jnp.mean(probs, axis=0)
+    avg_entropy = -jnp.sum(avg_probs * jnp.log(avg_probs + 1e-5))
+    sample_entropy = -jnp.mean(jnp.sum(probs * log_probs, axis=-1))
+    return sample_entropy - avg_entropy
+
+
+def perplexity(counts: jax.Array) -> jax.Array:
+    """exp(entropy) of a code histogram [K]; K for uniform use, 1 for a single code."""
+    p = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
+
+
+class MultiScaleQuantizer(nn.Module):
+    """Shared-mapping multi-scale residual VQ over [B, s, s, 40] maps (semantic channels first)."""
+
+    config: QuantizerConfig
+
+    def setup(self):
+        cfg = self.config
+        k = cfg.codebook_size
+        axes = ("codebook", "code_dim")
+
+        def codebook(name, dim):
+            init = nn.with_logical_partitioning(codebook_init, axes)
+            if cfg.codebook_update == "loss":
+                return self.param(name, init, (k, dim))
+            return self.variable("quantizer", name, lambda: init(self.make_rng("params"), (k, dim))).value
+
+        # Attribute names mirror the parameter names (Linen requires it in setup).
+        self.codebook_semantic = codebook("codebook_semantic", cfg.semantic_dim)
+        self.codebook_pixel = codebook("codebook_pixel", cfg.pixel_dim)
+        self.code_age = self.variable(
+            "quantizer", "code_age",
+            nn.with_logical_partitioning(lambda: jnp.full((k,), NEVER_USED, jnp.int32), ("codebook",)),
+        )
+        if cfg.codebook_update == "ema":
+            vec = lambda dim: nn.with_logical_partitioning(  # noqa: E731
+                lambda: jnp.zeros((k, dim), jnp.float32), axes
+            )
+            self.ema_count = self.variable(
+                "quantizer", "ema_count",
+                nn.with_logical_partitioning(lambda: jnp.ones((k,), jnp.float32), ("codebook",)),
+            )
+            self.ema_sum_semantic = self.variable("quantizer", "ema_sum_semantic", vec(cfg.semantic_dim))
+            self.ema_sum_pixel = self.variable("quantizer", "ema_sum_pixel", vec(cfg.pixel_dim))
+
+    # ----------------------------------------------------------------------------------- codebooks
+    def normalized_codebooks(self) -> tuple[jax.Array, jax.Array]:
+        """L2-normalised (semantic [K, 32], pixel [K, 8]); stored rows need not be unit norm."""
+        return (
+            l2_normalize(jnp.asarray(self.codebook_semantic, jnp.float32)),
+            l2_normalize(jnp.asarray(self.codebook_pixel, jnp.float32)),
+        )
+
+    def lookup(self, indices: jax.Array) -> jax.Array:
+        """Normalised 40-d entries for integer ``indices`` [...] -> [..., 40]."""
+        sem, pix = self.normalized_codebooks()
+        return jnp.concatenate([jnp.take(sem, indices, axis=0), jnp.take(pix, indices, axis=0)], axis=-1)
+
+    def decode_indices(self, indices: jax.Array) -> jax.Array:
+        """Indices [B, L] of any prefix of the scales -> the accumulated map F [B, s_n, s_n, 40].
+
+        Each scale's entries are bicubic-upsampled to the final grid and summed (the tokenizer's
+        decode path; the t2i teacher-forcing path resizes progressively instead, SPEC 5.3).
+        """
+        final = self.config.scales[-1]
+        used = self.config.scales_for_length(indices.shape[1])
+        total, offset = 0.0, 0
+        for s in used:
+            q = self.lookup(indices[:, offset : offset + s * s]).reshape(indices.shape[0], s, s, -1)
+            total = total + resize.bicubic_resize(q, (final, final))
+            offset += s * s
+        return total
+
+    # -------------------------------------------------------------------------------------- search
+    def search(self, z_sem: jax.Array, z_pix: jax.Array) -> nearest_code.CodeSearchResult:
+        """Nearest shared code for normalised token halves [N, 32], [N, 8] (no gradient)."""
+        cfg = self.config
+        e_sem, e_pix = self.normalized_codebooks()
+        args = [jax.lax.stop_gradient(a) for a in (z_sem, z_pix, e_sem, e_pix)]
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:
+            # Per-device search on the local tokens (and codebook shard), never a replicated one.
+            batch_axes = nn.logical_to_mesh_axes(("batch",))[0]
+            batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+            codebook_axis = cfg.codebook_axis if cfg.codebook_axis in mesh.axis_names else None
+            return nearest_code.nearest_code_sharded(
+                *args, cfg.w_dis, codebook_axis=codebook_axis, token_axes=batch_axes,
+                memory_bytes=cfg.search_memory_bytes,
+            )
+        return nearest_code.nearest_code_chunked(*args, cfg.w_dis, memory_bytes=cfg.search_memory_bytes)
+
+    # ------------------------------------------------------------------------------------- forward
+    def quantize_scale(self, r: jax.Array, train: bool) -> dict[str, Any]:
+        """Quantises one scale. r [B, s, s, 40] (un-normalised residual) -> dict with
+        ``q`` [B, s, s, 40] (straight-through), ``indices`` [B, s*s], ``z`` [N, 40] (normalised input),
+        ``counts`` [K] and the scale's loss terms."""
+        cfg = self.config
+        b, s = r.shape[0], r.shape[1]
+        z = r.reshape(-1, cfg.code_dim).astype(jnp.float32)
+        z_sem = l2_normalize(z[:, : cfg.semantic_dim])
+        z_pix = l2_normalize(z[:, cfg.semantic_dim :])
+        z = jnp.concatenate([z_sem, z_pix], axis=-1)
+        found = self.search(z_sem, z_pix)
+        zq = self.lookup(found.indices)
+        out = dict(
+            q=(z + jax.lax.stop_gradient(zq - z)).reshape(b, s, s, cfg.code_dim),
+            indices=found.indices.reshape(b, s * s),
+            z=z,
+            counts=jnp.zeros((cfg.codebook_size,), jnp.float32).at[found.indices].add(1.0),
+        )
+        if train:
+            # In EMA mode the codebook is state, not a parameter: the codebook loss has nothing to move.
+            out["vq_loss"] = (
+                jnp.mean((zq - jax.lax.stop_gradient(z)) ** 2) if cfg.codebook_update == "loss" else jnp.zeros(())
+            )
+            out["commit_loss"] = cfg.beta * jnp.mean((jax.lax.stop_gradient(zq) - z) ** 2)
+            if cfg.entropy_weight > 0:
+                # Materialises [N, K]: only for small codebooks (the reference default is off).
+                e_sem, e_pix = self.normalized_codebooks()
+                d = nearest_code.shared_mapping_distances(z_sem, z_pix, e_sem, e_pix, cfg.w_dis)
+                out["entropy_loss"] = cfg.entropy_weight * entropy_loss(-d, cfg.entropy_temperature)
+            else:
+                out["entropy_loss"] = jnp.zeros(())
+        return out
+
+    def scale_keep_mask(self, train: bool) -> jax.Array:
+        """[n_scales] float: 0 for the randomly dropped scale (training only), else 1."""
+        cfg = self.config
+        n = len(cfg.scales)
+        if not train or cfg.scale_drop_prob <= 0 or n < 2:
+            return jnp.ones((n,), jnp.float32)
+        if not self.has_rng("quantizer"):
+            raise ValueError("training the quantizer needs a 'quantizer' PRNG stream (random scale drop)")
+        drop_key, which_key = jax.random.split(self.make_rng("quantizer"))
+        dropped = jax.random.randint(which_key, (), 1, n)  # never the first scale; the last can go
+        drop = jax.random.uniform(drop_key) < cfg.scale_drop_prob
+        return jnp.where(drop & (jnp.arange(n) == dropped), 0.0, 1.0)
+
+    def __call__(self, h: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict[str, Any], jax.Array]:
+        """Multi-scale residual quantisation.
+
+        Args:
+          h: [B, s_n, s_n, 40] concatenated (semantic, pixel) latents, not normalised.
+          train: enables scale drop, loss terms and (if the 'quantizer' collection is mutable)
+            usage / EMA state updates.
+        Returns:
+          F [B, s_n, s_n, 40] the accumulated straight-through quantised map; aux dict of losses and
+          metrics; indices [B, sum s_k^2] int32 (scale by scale, row-major within a scale).
+        """
+        cfg = self.config
+        final = cfg.scales[-1]
+        if h.shape[1:] != (final, final, cfg.code_dim):
+            raise ValueError(f"quantizer input must be [B, {final}, {final}, {cfg.code_dim}], got {h.shape}")
+        keep = self.scale_keep_mask(train)
+        residual = h.astype(jnp.float32)
+        accumulated = jnp.zeros_like(residual)
+        per_scale = []
+        for k, s in enumerate(cfg.scales):
+            r = resize.area_resize(residual, (s, s))
+            out = self.quantize_scale(r, train)
+            upsampled = resize.bicubic_resize(out["q"], (final, final)) * keep[k]
+            accumulated = accumulated + upsampled
+            residual = residual - jax.lax.stop_gradient(upsampled)
+            per_scale.append(out)
+
+        counts = jnp.stack([o["counts"] for o in per_scale])  # [n_scales, K]
+        aux: dict[str, Any] = {
+            "scale_mask": keep,
+            "perplexity": jax.vmap(perplexity)(counts),
+            "batch_usage": jnp.mean(jnp.sum(counts * keep[:, None], axis=0) > 0),
+        }
+        if train:
+            used = jnp.sum(keep)
+            for name in ("vq_loss", "commit_loss", "entropy_loss"):
+                aux[name] = jnp.sum(jnp.stack([o[name] for o in per_scale]) * keep) / used
+            if self.is_mutable_collection("quantizer"):
+                self._update_state(per_scale, keep)
+        aux["codebook_usage"] = jnp.mean(self.code_age.value < cfg.usage_window)
+        indices = jnp.concatenate([o["indices"] for o in per_scale], axis=1)
+        return accumulated, aux, indices
+
+    # ------------------------------------------------------------------------------------- state
+    def _update_state(self, per_scale: list[dict[str, Any]], keep: jax.Array) -> None:
+        cfg = self.config
+        counts = sum(o["counts"] * keep[k] for k, o in enumerate(per_scale))  # [K], global over devices
+        age = self.code_age.value
+        self.code_age.value = jnp.where(counts > 0, 0, jnp.minimum(age + 1, NEVER_USED))
+        if cfg.codebook_update != "ema":
+            return
+        d_sem = cfg.semantic_dim
+        zeros = lambda dim: jnp.zeros((cfg.codebook_size, dim), jnp.float32)  # noqa: E731
+        sum_sem, sum_pix = zeros(d_sem), zeros(cfg.pixel_dim)
+        for k, o in enumerate(per_scale):
+            idx = o["indices"].reshape(-1)
+            z = jax.lax.stop_gradient(o["z"]) * keep[k]
+            sum_sem = sum_sem.at[idx].add(z[:, :d_sem])
+            sum_pix = sum_pix.at[idx].add(z[:, d_sem:])
+        decay = cfg.ema_decay
+        ema_count = decay * self.ema_count.value + (1 - decay) * counts
+        ema_sem = decay * self.ema_sum_semantic.value + (1 - decay) * sum_sem
+        ema_pix = decay * self.ema_sum_pixel.value + (1 - decay) * sum_pix
+        # Laplace smoothing keeps rarely used codes from dividing by ~0.
+        total = jnp.sum(ema_count)
+        smoothed = (ema_count + cfg.ema_epsilon) / (total + cfg.codebook_size * cfg.ema_epsilon) * total
+        new_sem = ema_sem / smoothed[:, None]
+        new_pix = ema_pix / smoothed[:, None]
+
+        # Dead codes restart at encoder outputs of this step, drawn uniformly from all scales.
+        dead = ema_count < cfg.dead_code_threshold
+        recent = jax.lax.stop_gradient(jnp.concatenate([o["z"] for o in per_scale], axis=0))
+        pick = jax.random.randint(self.make_rng("quantizer"), (cfg.codebook_size,), 0, recent.shape[0])
+        restart = jnp.take(recent, pick, axis=0)
+        restart_count = jnp.maximum(ema_count, cfg.dead_code_threshold)
+        new_sem = jnp.where(dead[:, None], restart[:, :d_sem], new_sem)
+        new_pix = jnp.where(dead[:, None], restart[:, d_sem:], new_pix)
+        ema_sem = jnp.where(dead[:, None], restart[:, :d_sem] * restart_count[:, None], ema_sem)
+        ema_pix = jnp.where(dead[:, None], restart[:, d_sem:] * restart_count[:, None], ema_pix)
+        ema_count = jnp.where(dead, restart_count, ema_count)
+
+        self.ema_count.value = ema_count
+        self.ema_sum_semantic.value = ema_sem
+        self.ema_sum_pixel.value = ema_pix
+        self.put_variable("quantizer", "codebook_semantic", new_sem)
+        self.put_variable("quantizer", "codebook_pixel", new_pix)
