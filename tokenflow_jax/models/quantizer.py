@@ -137,15 +137,18 @@ class MultiScaleQuantizer(nn.Module):
             nn.with_logical_partitioning(lambda: jnp.full((k,), NEVER_USED, jnp.int32), ("codebook",)),
         )
         if cfg.codebook_update == "ema":
-            vec = lambda dim: nn.with_logical_partitioning(  # noqa: E731
-                lambda: jnp.zeros((k, dim), jnp.float32), axes
-            )
+            # Counts start at 1 and sums at the codebook itself, so a code keeps its direction until
+            # it is chosen (zero sums would collapse every unused code to the zero vector).
             self.ema_count = self.variable(
                 "quantizer", "ema_count",
                 nn.with_logical_partitioning(lambda: jnp.ones((k,), jnp.float32), ("codebook",)),
             )
-            self.ema_sum_semantic = self.variable("quantizer", "ema_sum_semantic", vec(cfg.semantic_dim))
-            self.ema_sum_pixel = self.variable("quantizer", "ema_sum_pixel", vec(cfg.pixel_dim))
+            self.ema_sum_semantic = self.variable(
+                "quantizer", "ema_sum_semantic", nn.with_logical_partitioning(lambda: self.codebook_semantic, axes)
+            )
+            self.ema_sum_pixel = self.variable(
+                "quantizer", "ema_sum_pixel", nn.with_logical_partitioning(lambda: self.codebook_pixel, axes)
+            )
 
     # ----------------------------------------------------------------------------------- codebooks
     def normalized_codebooks(self) -> tuple[jax.Array, jax.Array]:

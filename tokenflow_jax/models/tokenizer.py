@@ -48,12 +48,13 @@ class TokenFlowConfig:
     def __post_init__(self):
         if self.input_scaling not in INPUT_SCALINGS:
             raise ValueError(f"model.input_scaling must be one of {sorted(INPUT_SCALINGS)}, got {self.input_scaling!r}")
+        # The patch conv is VALID, so SigLIP's 384 / 14 gives a 27 grid (the last 6 pixels unused).
         sem_grid = self.image_size // self.semantic_encoder.patch_size
         pix_grid = self.pixel_input_size // self.pixel_encoder.downsample_factor
-        if self.image_size % self.semantic_encoder.patch_size or sem_grid != pix_grid:
+        if self.pixel_input_size % self.pixel_encoder.downsample_factor or sem_grid != pix_grid:
             raise ValueError(
-                f"semantic grid ({self.image_size}/{self.semantic_encoder.patch_size}) and pixel grid "
-                f"({self.pixel_input_size}/{self.pixel_encoder.downsample_factor}) must be equal integers"
+                f"semantic grid ({self.image_size}//{self.semantic_encoder.patch_size} = {sem_grid}) and pixel "
+                f"grid ({self.pixel_input_size}/{self.pixel_encoder.downsample_factor}) must be the same integer"
             )
         if sem_grid != self.quantizer.scales[-1]:
             raise ValueError(

@@ -147,31 +147,35 @@ def nearest_code_sharded(
     e_pix: jax.Array,
     w_dis: float = 1.0,
     *,
-    codebook_axis: str,
+    codebook_axis: str | None,
     token_axes: tuple[str, ...] = (),
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> CodeSearchResult:
-    """Search with the codebook split over mesh axis ``codebook_axis`` of the current mesh.
+    """Per-device search under the current mesh (``jax.set_mesh``).
 
-    Each device searches its codebook shard for its tokens (tokens split over ``token_axes``), then
+    Tokens are split over ``token_axes`` so no device searches another's tokens. With
+    ``codebook_axis`` set, the codebook is split over that axis too: each device searches its shard,
     the global minimum is a ``pmin`` over the codebook axis and the global first minimum a second
-    ``pmin`` over the candidate indices that reach it. Must run under ``jax.set_mesh``.
+    ``pmin`` over the candidate indices that reach it. With ``codebook_axis=None`` the codebook is
+    replicated and the search is purely local.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or codebook_axis not in mesh.axis_names:
-        raise ValueError(f"nearest_code_sharded needs an active mesh with axis {codebook_axis!r}")
+    if mesh.empty or (codebook_axis is not None and codebook_axis not in mesh.axis_names):
+        raise ValueError(f"nearest_code_sharded needs an active mesh (with axis {codebook_axis!r})")
     k = e_sem.shape[0]
-    shards = mesh.shape[codebook_axis]
+    shards = mesh.shape[codebook_axis] if codebook_axis else 1
     if k % shards:
         raise ValueError(f"codebook size {k} is not divisible by mesh axis {codebook_axis!r} of size {shards}")
     token_axes = tuple(a for a in token_axes if a != codebook_axis and mesh.shape[a] > 1)
     if token_axes and z_sem.shape[0] % math.prod(mesh.shape[a] for a in token_axes):
-        token_axes = ()
+        token_axes = ()  # uneven token split: fall back to every device searching all tokens
     tok = P(token_axes or None, None)
     code = P(codebook_axis, None)
 
     def local_search(z_s, z_p, e_s, e_p):
         local = nearest_code_chunked(z_s, z_p, e_s, e_p, w_dis, memory_bytes=memory_bytes)
+        if codebook_axis is None:
+            return local.indices, local.distances
         global_idx = local.indices + jax.lax.axis_index(codebook_axis).astype(jnp.int32) * (k // shards)
         best = jax.lax.pmin(local.distances, codebook_axis)
         candidate = jnp.where(local.distances == best, global_idx, jnp.int32(k))

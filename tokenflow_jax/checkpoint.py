@@ -1,0 +1,118 @@
+"""Orbax checkpoints: one layout for every recipe and every entry point.
+
+A checkpoint directory is an orbax ``CheckpointManager`` root; each step holds named items:
+
+    variables   model variables {'params': ..., 'quantizer': ...} (what inference needs)
+    meta        JSON: recipe, config spec and overrides, step, free-form info
+    (trainers add opt_state, data-iterator state and so on as further items)
+
+Inference entry points restore only ``variables`` (and ``meta``), into an abstract target built from
+``jax.eval_shape`` of the model with the caller's shardings, so a checkpoint written on one mesh loads
+on another. Before restoring anything, the stored tree is compared with the target and every missing,
+unexpected or differently shaped entry is reported in one error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+VARIABLES = "variables"
+META = "meta"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's stored tree does not match the model it is restored into."""
+
+
+def _manager(directory: str, create: bool = False, **options: Any) -> ocp.CheckpointManager:
+    directory = os.path.abspath(os.path.expanduser(directory)) if "://" not in directory else directory
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=create, **options)
+    )
+
+
+def latest_step(directory: str) -> int | None:
+    """The newest complete step in ``directory``, or None when there is none (or no directory)."""
+    if "://" not in directory and not os.path.isdir(directory):
+        return None
+    return _manager(directory).latest_step()
+
+
+def save_variables(directory: str, variables: Any, meta: dict[str, Any], step: int = 0) -> str:
+    """Writes ``variables`` and ``meta`` as step ``step`` (synchronously). Returns the step path."""
+    manager = _manager(directory, create=True, enable_async_checkpointing=False)
+    manager.save(step, args=ocp.args.Composite(
+        **{VARIABLES: ocp.args.StandardSave(variables), META: ocp.args.JsonSave(dict(meta, step=step))}
+    ))
+    manager.wait_until_finished()
+    manager.close()
+    return os.path.join(str(manager.directory), str(step))
+
+
+def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
+    """The JSON ``meta`` item of ``step`` (default: latest)."""
+    step = _require_step(directory, step)
+    manager = _manager(directory)
+    return dict(manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+
+
+def _require_step(directory: str, step: int | None) -> int:
+    if step is None:
+        step = latest_step(directory)
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found in {directory!r} (expected an orbax checkpoint directory)")
+    return step
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf for path, leaf in leaves}
+
+
+def tree_differences(stored: Any, target: Any) -> list[str]:
+    """Human-readable differences between two trees of things with ``.shape`` (and ``.dtype``)."""
+    a, b = _flat(stored), _flat(target)
+    problems = [f"missing in checkpoint: {k} (expected shape {tuple(b[k].shape)})" for k in sorted(set(b) - set(a))]
+    problems += [f"unexpected in checkpoint: {k} (shape {tuple(a[k].shape)})" for k in sorted(set(a) - set(b))]
+    for k in sorted(set(a) & set(b)):
+        if tuple(a[k].shape) != tuple(b[k].shape):
+            problems.append(f"shape mismatch at {k}: checkpoint {tuple(a[k].shape)}, model {tuple(b[k].shape)}")
+    return problems
+
+
+def restore_variables(directory: str, target: Any, step: int | None = None) -> Any:
+    """Restores the ``variables`` item into ``target``.
+
+    Args:
+      directory: checkpoint root.
+      target: tree of ``jax.ShapeDtypeStruct`` with shardings (from ``jax.eval_shape`` of the model's
+        init plus the caller's shardings); arrays come back with those shardings and dtypes.
+      step: default latest.
+    Raises:
+      FileNotFoundError: no checkpoint in ``directory``.
+      CheckpointMismatchError: the stored tree differs from ``target`` (every difference listed).
+    """
+    step = _require_step(directory, step)
+    manager = _manager(directory)
+    stored = manager.item_metadata(step)[VARIABLES]
+    stored_tree = getattr(stored, "tree", stored)
+    problems = tree_differences(stored_tree, target)
+    if problems:
+        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        raise CheckpointMismatchError(
+            f"checkpoint {directory!r} step {step} does not match the model built from the config:\n  {shown}"
+        )
+    restored = manager.restore(step, args=ocp.args.Composite(**{VARIABLES: ocp.args.StandardRestore(target)}))
+    return restored[VARIABLES]
+
+
+def abstract_target(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of ``abstract`` carrying ``shardings`` (a tree of the same structure)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, np.dtype(a.dtype), sharding=s), abstract, shardings)

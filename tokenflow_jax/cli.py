@@ -1,0 +1,117 @@
+"""The ``tokenflow-jax`` command.
+
+    tokenflow-jax reconstruct --config configs/tokenizer.py:tiny --images builtin --out DIR [--checkpoint CKPT]
+    tokenflow-jax convert --from official --checkpoint FILE.pt --config configs/tokenizer.py:xl --out DIR
+    tokenflow-jax convert --from hf --model ID_OR_PATH --config configs/tokenizer.py:xl --out DIR
+
+Every command takes ``--config FILE:ARG`` plus any number of ``--config.a.b=value`` overrides; the
+config is loaded and validated before any model is built or compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from configs import common
+
+
+def _enable_compilation_cache() -> None:
+    """Persistent XLA cache: recompiles of unchanged programs become file reads."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tokenflow_jax", "jax")
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _load_config(spec: str | None, overrides: Sequence[str], checkpoint: str | None = None):
+    if spec is None and checkpoint:
+        from tokenflow_jax import checkpoint as ckpt
+
+        meta = ckpt.read_meta(checkpoint)
+        spec, overrides = meta.get("config_spec"), list(meta.get("config_overrides", [])) + list(overrides)
+        if not spec:
+            raise SystemExit(f"error: checkpoint {checkpoint} records no config; pass --config FILE:ARG")
+    if spec is None:
+        raise SystemExit("error: --config FILE:ARG is required")
+    config = common.load_config(spec)
+    common.apply_overrides(config, overrides)
+    with config.unlocked():
+        config.config_overrides = list(overrides)
+    return config
+
+
+def cmd_reconstruct(args, overrides) -> int:
+    from tokenflow_jax import reconstruct
+
+    config = _load_config(args.config, overrides, args.checkpoint)
+    return reconstruct.run(config, args.images, args.out, args.checkpoint, batch_size=args.batch_size)
+
+
+def cmd_convert(args, overrides) -> int:
+    from tokenflow_jax.convert import run as convert_run
+
+    config = _load_config(args.config, overrides)
+    if args.source == "official":
+        if not args.checkpoint:
+            raise SystemExit("error: --from official needs --checkpoint FILE.pt")
+        return convert_run.from_official(config, args.checkpoint, args.out)
+    if not args.model:
+        raise SystemExit("error: --from hf needs --model HUB_ID_OR_PATH")
+    return convert_run.from_hf(config, args.model, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenflow-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="INFO", help="python logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("reconstruct", help="encode + decode images with a tokenizer, write PNGs, print PSNR")
+    p.add_argument("--config", help="config FILE:ARG, e.g. configs/tokenizer.py:tiny (default: the checkpoint's)")
+    p.add_argument("--images", nargs="+", required=True, help="image files, folders, or 'builtin' (sample photos)")
+    p.add_argument("--out", required=True, help="output folder for the PNGs")
+    p.add_argument("--checkpoint", help="orbax checkpoint directory (default: random weights, with a warning)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(fn=cmd_reconstruct)
+
+    p = sub.add_parser("convert", help="import official TokenFlow .pt or HF CLIP/SigLIP weights into a checkpoint")
+    p.add_argument("--from", dest="source", choices=("official", "hf"), required=True)
+    p.add_argument("--config", required=True, help="tokenizer config FILE:ARG the weights belong to")
+    p.add_argument("--checkpoint", help="official .pt / .safetensors file (--from official)")
+    p.add_argument("--model", help="HF hub id or local directory of a CLIP/SigLIP vision model (--from hf)")
+    p.add_argument("--out", required=True, help="output orbax checkpoint directory")
+    p.set_defaults(fn=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = common.split_config_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(rest)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _enable_compilation_cache()
+    try:
+        return int(args.fn(args, overrides) or 0)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        # User-caused problems (bad config field, mismatched checkpoint, missing file): one clear line.
+        # TOKENFLOW_DEBUG=1 shows the traceback instead.
+        if os.environ.get("TOKENFLOW_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Loading a TokenFlow tokenizer for inference: model, variables and a jitted encode/decode.
+
+Shared by ``reconstruct``, evaluation and the downstream recipes that run a frozen tokenizer.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tokenflow_jax import checkpoint, parallel, prng
+from tokenflow_jax.models import tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def abstract_variables(model: tokenizer.TokenFlow, batch: int = 1) -> Any:
+    """Boxed abstract variables of ``model`` (from ``jax.eval_shape`` of its init)."""
+    size = model.config.image_size
+    image = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    return jax.eval_shape(model.init, prng.make_key(0), image)
+
+
+def load_tokenizer(
+    config, checkpoint_dir: str | None = None, mesh: Mesh | None = None, seed: int = 0
+) -> tuple[tokenizer.TokenFlow, Any]:
+    """Builds the tokenizer of ``config`` and its variables.
+
+    With ``checkpoint_dir`` the variables are restored (mismatches are reported key by key before
+    anything is compiled); otherwise they are randomly initialised and a warning says so. With a
+    ``mesh`` the variables are sharded by the logical-axis rules, else they live on one device.
+    """
+    model = tokenizer.build(config)
+    abstract = abstract_variables(model)
+    if mesh is not None:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
+            shardings = parallel.shardings_from_abstract(abstract, mesh)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, parallel.unbox_without_constraints(abstract))
+    if checkpoint_dir:
+        target = checkpoint.abstract_target(parallel.unbox_without_constraints(abstract), shardings)
+        variables = checkpoint.restore_variables(checkpoint_dir, target)
+        logger.info("restored tokenizer variables from %s", checkpoint_dir)
+        return model, variables
+    logger.warning(
+        "no tokenizer checkpoint given: using randomly initialised weights (seed %d); outputs are not "
+        "meaningful reconstructions", seed,
+    )
+    size = model.config.image_size
+    init = jax.jit(
+        lambda key: nn.unbox(model.init(key, jnp.zeros((1, size, size, 3), jnp.float32))), out_shardings=shardings
+    )
+    return model, init(prng.make_key(seed))
+
+
+def encode_decode_fn(model: tokenizer.TokenFlow):
+    """jitted (variables, images [B, H, W, 3]) -> (image [B, H, W, 3], indices [B, L]) in eval mode."""
+
+    def run(variables, images):
+        _, image, _, _, indices = model.apply(variables, images)
+        return image, indices
+
+    return jax.jit(run)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
