@@ -55,6 +55,11 @@ def torch_reference_msvq(h_nhwc, cb_sem, cb_pix, scales, w_dis=1.0, drop=None):
     return acc.permute(0, 2, 3, 1).numpy(), indices, losses, inputs
 
 
+def reference(v, h, **kw):
+    """torch_reference_msvq on the loss-mode codebooks of variables ``v``."""
+    return torch_reference_msvq(h, v["params"]["codebook_semantic"], v["params"]["codebook_pixel"], SCALES, **kw)
+
+
 def smooth_input(rng, b=2, s=8, magnitude=3.0):
     """A map with structure at every scale: sum of bicubic-upsampled random maps."""
     out = np.zeros((b, s, s, 40), np.float32)
@@ -74,7 +79,7 @@ def test_matches_torch_reference_msvq(rng):
     module, v = make()
     h = smooth_input(rng)
     f, aux, idx = jax.jit(lambda v, h: module.apply(v, h))(v, h)
-    ref_f, ref_idx, _, _ = torch_reference_msvq(h, v["params"]["codebook_semantic"], v["params"]["codebook_pixel"], SCALES)
+    ref_f, ref_idx, _, _ = reference(v, h)
     ours = np.split(np.asarray(idx), np.cumsum([s * s for s in SCALES])[:-1], axis=1)
     for s, a, b in zip(SCALES, ours, ref_idx):
         np.testing.assert_array_equal(a, b, err_msg=f"indices differ at scale {s}")
@@ -93,7 +98,7 @@ def test_training_losses_match_reference_formula(rng):
     module, v = make(scale_drop_prob=0.0, beta=0.25)
     h = smooth_input(rng)
     _, aux, _ = module.apply(v, h, train=True, rngs={"quantizer": prng.make_key(1)})
-    _, _, ref_losses, _ = torch_reference_msvq(h, v["params"]["codebook_semantic"], v["params"]["codebook_pixel"], SCALES)
+    _, _, ref_losses, _ = reference(v, h)
     np.testing.assert_allclose(float(aux["vq_loss"]), np.mean([l[0] for l in ref_losses]), rtol=1e-5)
     np.testing.assert_allclose(float(aux["commit_loss"]), 0.25 * np.mean([l[1] for l in ref_losses]), rtol=1e-5)
 
