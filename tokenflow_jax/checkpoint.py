@@ -31,10 +31,15 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's stored tree does not match the model it is restored into."""
 
 
+def item_handlers() -> dict[str, Any]:
+    """Handlers for the items every checkpoint has; a manager needs them to read metadata."""
+    return {VARIABLES: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+
+
 def _manager(directory: str, create: bool = False, **options: Any) -> ocp.CheckpointManager:
     directory = os.path.abspath(os.path.expanduser(directory)) if "://" not in directory else directory
     return ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(create=create, **options)
+        directory, options=ocp.CheckpointManagerOptions(create=create, **options), item_handlers=item_handlers()
     )
 
 

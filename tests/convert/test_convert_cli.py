@@ -1,0 +1,95 @@
+"""``tokenflow-jax convert --from hf`` end to end on a tiny CLIP tower built in the test, and the
+checkpoint it writes used by ``reconstruct`` and restored with clear errors when it does not fit."""
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from configs import common
+from tokenflow_jax import checkpoint, cli, inference
+from tokenflow_jax.models.vit import VisionTransformer
+
+TOL = 1e-5  # relative, float32
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """An HF CLIPVisionModel with the tiny tokenizer's semantic-encoder shape (64 px, patch 8)."""
+    torch.manual_seed(0)
+    cfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=64, patch_size=8)
+    model = transformers.CLIPVisionModel(cfg).eval()
+    path = str(tmp_path_factory.mktemp("hf") / "tiny_clip")
+    model.save_pretrained(path)
+    return path, model
+
+
+def test_convert_from_hf_then_reconstruct(tiny_clip_dir, tmp_path, capsys):
+    path, hf_model = tiny_clip_dir
+    out = str(tmp_path / "ckpt")
+    assert cli.main(["convert", "--from", "hf", "--model", path, "--config", "configs/tokenizer.py:tiny",
+                     "--out", out]) == 0
+    meta = checkpoint.read_meta(out)
+    assert meta["config_spec"] == "configs/tokenizer.py:tiny" and meta["source"] == f"hf:{path}"
+
+    config = common.load_config("configs/tokenizer.py:tiny")
+    model, variables = inference.load_tokenizer(config, out)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+    tower = VisionTransformer(model.config.semantic_encoder)
+    ours = np.asarray(jax.jit(tower.apply)({"params": variables["params"]["semantic_encoder"]}, x))
+    with torch.no_grad():
+        hidden = hf_model(torch.from_numpy(x).permute(0, 3, 1, 2)).last_hidden_state
+        ref = hf_model.post_layernorm(hidden)[:, 1:].numpy()
+    assert np.abs(ours - ref).max() / np.abs(ref).max() <= TOL
+
+    # reconstruct reads the config recorded in the checkpoint when --config is omitted.
+    recon = str(tmp_path / "recon")
+    assert cli.main(["reconstruct", "--checkpoint", out, "--images", "builtin", "--out", recon]) == 0
+    assert os.path.isfile(os.path.join(recon, "astronaut_recon.png"))
+    assert "astronaut" in capsys.readouterr().out
+
+
+def test_convert_rejects_a_tower_of_the_wrong_shape(tmp_path, capsys):
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=64, patch_size=8)
+    path = str(tmp_path / "small_clip")
+    transformers.CLIPVisionModel(cfg).save_pretrained(path)
+    code = cli.main(["convert", "--from", "hf", "--model", path, "--config", "configs/tokenizer.py:tiny",
+                     "--out", str(tmp_path / "ckpt")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not fit config.model.semantic_encoder" in err and "width: model 64" in err
+
+
+def test_hub_id_offline_names_the_id(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    code = cli.main(["convert", "--from", "hf", "--model", "openai/clip-vit-base-patch16", "--config",
+                     "configs/tokenizer.py:b", "--out", str(tmp_path / "ckpt")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "openai/clip-vit-base-patch16" in err and "huggingface-cli download" in err
+
+
+def test_restoring_into_a_different_config_lists_every_mismatch(tiny_clip_dir, tmp_path):
+    path, _ = tiny_clip_dir
+    out = str(tmp_path / "ckpt")
+    assert cli.main(["convert", "--from", "hf", "--model", path, "--config", "configs/tokenizer.py:tiny",
+                     "--out", out]) == 0
+    config = common.load_config("configs/tokenizer.py:tiny")
+    common.apply_overrides(config, ["quantizer.codebook_size=2048", "model.semantic_decoder.depth=1"])
+    with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+        inference.load_tokenizer(config, out)
+    message = str(e.value)
+    assert "params/quantizer/codebook_semantic: checkpoint (1024, 32), model (2048, 32)" in message
+    assert "quantizer/code_age: checkpoint (1024,), model (2048,)" in message
+    assert "semantic_decoder/blocks" in message
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code = cli.main(["reconstruct", "--config", "configs/tokenizer.py:tiny", "--checkpoint",
+                     str(tmp_path / "nothing"), "--images", "builtin", "--out", str(tmp_path / "o")])
+    assert code == 2 and "no checkpoint found" in capsys.readouterr().err
