@@ -121,3 +121,80 @@ def restore_variables(directory: str, target: Any, step: int | None = None) -> A
 def abstract_target(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of ``abstract`` carrying ``shardings`` (a tree of the same structure)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, np.dtype(a.dtype), sharding=s), abstract, shardings)
+
+
+# --------------------------------------------------------------------------------------------- training
+TRAIN_STATE = "train_state"
+DATA = "data"
+
+
+class TrainCheckpointer:
+    """Async checkpoints of a training run under ``workdir/checkpoints``, keeping the latest ``keep``.
+
+    Items per step: ``variables`` (what inference loads), ``train_state`` (optimizer state,
+    discriminator, EMA, step: everything else that must survive a restart), ``data`` (the grain
+    iterator's position, one JSON file per process) and ``meta``. Restores go into abstract targets
+    carrying the *current* run's shardings, so a run can resume on a different mesh.
+    """
+
+    def __init__(self, workdir: str, keep: int = 3, use_async: bool = True, save_interval_steps: int = 1):
+        import grain
+
+        handlers = {**item_handlers(), TRAIN_STATE: ocp.StandardCheckpointHandler(),
+                    DATA: grain.checkpoint.CheckpointHandler()}
+        self.directory = os.path.join(workdir, "checkpoints") if "://" not in workdir else workdir + "/checkpoints"
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=use_async, create=True,
+                save_interval_steps=save_interval_steps,
+            ),
+            item_handlers=handlers,
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, variables: Any, train_state: Any, data_iterator: Any, meta: dict[str, Any],
+             force: bool = False) -> bool:
+        """Starts saving ``step`` (returns at once when async). True if a save was started."""
+        import grain
+
+        items = {
+            VARIABLES: ocp.args.StandardSave(variables),
+            TRAIN_STATE: ocp.args.StandardSave(train_state),
+            META: ocp.args.JsonSave(dict(meta, step=step)),
+        }
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, variables_target: Any, train_state_target: Any, data_iterator: Any) -> tuple[Any, Any]:
+        """Restores ``step`` into the targets; the data iterator is positioned in place."""
+        import grain
+
+        stored = self.manager.item_metadata(step)
+        for name, target in ((VARIABLES, variables_target), (TRAIN_STATE, train_state_target)):
+            problems = tree_differences(getattr(stored[name], "tree", stored[name]), target)
+            if problems:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory} step {step}, item {name!r}, does not match this run:\n  "
+                    + "\n  ".join(problems[:50])
+                )
+        items = {VARIABLES: ocp.args.StandardRestore(variables_target),
+                 TRAIN_STATE: ocp.args.StandardRestore(train_state_target)}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[VARIABLES], restored[TRAIN_STATE]
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the cluster announced a preemption (TPU maintenance events via JAX's service)."""
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
