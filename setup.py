@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "huggingface_hub==2.4.0",
     "numpy==2.4.6",
     "absl-py==2.5.1",
+    "msgpack==1.2.4",  # the ArrayRecord record format (never pickle)
     "pillow==13.0.0",
     "tqdm==4.70.1",
 ]

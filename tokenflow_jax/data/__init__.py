@@ -1,1 +1,14 @@
+"""Input data: grain sources and pipelines for the trainers and evaluators.
 
+  images.py        read any image into RGB (ImageReadError otherwise), ADM centre crop, [-1, 1] <-> uint8
+  sources.py       ImageFolderSource, TfdsSource, ShapesSource (random access, picklable)
+  array_record.py  write_array_record / ArrayRecordSource: our msgpack-per-record files
+  shapes.py        the procedural shapes dataset: sample_scene, render, caption, metadata
+  transforms.py    ADM random-resized crop, centre crop, flip, normalise
+  decode.py        robust decoding: convert what can be converted, replace/flag and count the rest
+  steps.py         the pipeline's picklable grain steps
+  pipeline.py      make_dataset(config.data, ...), to_global_batch, image_stats
+
+Submodules are imported explicitly (``from tokenflow_jax.data import pipeline``) so that reading an image
+does not pull in grain or TFDS.
+"""
