@@ -334,6 +334,10 @@ def test_load_finds_the_state_dict(tmp_path, nesting):
     assert set(official.load_official_state_dict(tmp_path / "ddp.pt")) == {"a.weight", "b"}
 
 
+class _NotATensor:
+    pass
+
+
 def test_load_errors_name_the_file(tmp_path):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
@@ -349,6 +353,9 @@ def test_load_errors_name_the_file(tmp_path):
     truncated.write_bytes(good.read_bytes()[:1500])
     with pytest.raises(ValueError, match=r"truncated\.pt: not a readable PyTorch checkpoint"):
         official.load_official_state_dict(truncated)
+    torch.save({"model": _NotATensor()}, tmp_path / "code.pt")  # would need code to unpickle
+    with pytest.raises(ValueError, match=r"code\.pt: .*weights_only=True\) refused it.*Unsupported global"):
+        official.load_official_state_dict(tmp_path / "code.pt")
     torch.save({"optimizer": {"lr": 1.0}, "steps": 3}, tmp_path / "nosd.pt")
     with pytest.raises(ValueError, match=r"nosd\.pt: has none of the keys \['ema', 'model', 'state_dict'\]"):
         official.load_official_state_dict(tmp_path / "nosd.pt")

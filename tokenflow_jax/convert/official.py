@@ -445,9 +445,11 @@ def official_to_variables(state_dict: Mapping[str, Any], config: Any) -> dict[st
             wrong.append(f"  {key}: expected shape {shape}, found {a.shape}")
         else:
             arrays[key] = a.astype(np.float32, copy=False)
-    for key, value in state_dict.items():
-        if key in expected:
-            continue
+    absent = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected]
+    suggest = len(absent) * len(extra) <= 10_000  # difflib is quadratic; hints only help for a few renames
+    for key in extra:
+        value = state_dict[key]
         value = np.asarray(value)
         try:
             reason = _unused_reason(key, value, cfg, siglip_prefix)
@@ -455,7 +457,7 @@ def official_to_variables(state_dict: Mapping[str, Any], config: Any) -> dict[st
             bad_values.append(f"  {e}")
             continue
         if reason is None:
-            close = difflib.get_close_matches(key, [k for k in expected if k not in state_dict], n=1, cutoff=0.8)
+            close = difflib.get_close_matches(key, absent, n=1, cutoff=0.8) if suggest else []
             hint = f" (did you mean {close[0]}?)" if close else ""
             unexpected.append(f"  {key}: found shape {value.shape}{hint}")
         else:
@@ -481,7 +483,7 @@ def official_to_variables(state_dict: Mapping[str, Any], config: Any) -> dict[st
                     a = a[j * rows:(j + 1) * rows]
                 parts.append(rule.layout.to_ours(a))
             value = np.stack(parts) if rule.depth else parts[0]
-            _set(variables, path, np.ascontiguousarray(value, dtype=np.float32))
+            _set(variables, path, np.array(value, dtype=np.float32, order="C"))  # a copy: never alias the input
     for name, value in _ours_only_state(cfg, variables).items():
         _set(variables, ("quantizer", "quantizer", name), value)
 
@@ -656,9 +658,12 @@ def load_official_state_dict(path: str | os.PathLike) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False; the reason is the "Unsupported ..." line.
+        found = re.search(r"(Unsupported (?:global: GLOBAL \S+|[^.\n]*))", str(e))
+        reason = found.group(1) if found else type(e).__name__
         raise ValueError(
-            f"{path}: not a weights-only PyTorch checkpoint (torch.load(weights_only=True) refused it; "
-            f"code is never unpickled): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"{path}: holds more than tensors and plain containers, so torch.load(weights_only=True) refused it "
+            f"(pickled code is never loaded here; re-save the state dict with torch.save): {reason}"
         ) from e
     except Exception as e:  # RuntimeError (bad zip / truncated), EOFError, ...
         raise ValueError(
