@@ -5,6 +5,8 @@ Variants (``configs/tokenizer.py:ARG``):
   b       TokenFlow-B: CLIP ViT-B/16 semantic encoder at 224 px, 14x14 grid, 8 scales (561 tokens).
           Options: res=256 interpolates the position tables to 16x16 and adds the 16 scale (9 scales,
           817 tokens; the released t2i tokenizer); enhanced=True uses the 2x pixel decoder (ch 256, 4 res).
+          stage2=True (any variant): the decoder fine-tune of SPEC 2.9 from --config.init.checkpoint: the
+          pixel decoder is rebuilt and trained alone (`b,res=256,enhanced,stage2`).
   xl      TokenFlow-XL: SigLIP so400m (hidden_states[-2]) at 384 px, pixel branch at 432, 27x27 grid,
           15 scales (2,227 tokens).
 
@@ -50,7 +52,7 @@ def quantizer(codebook_size, scales):
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, variant="tiny", res=0, enhanced=False)
+    arg = common.parse_arg(arg, variant="tiny", res=0, enhanced=False, stage2=False)
     config = common.ConfigDict()
     config.recipe = "tokenizer"
     config.seed = 0
@@ -63,10 +65,13 @@ def get_config(arg=None):
         m.semantic_decoder = vit("beit", 64, 2, 4, 256, 1, 8, in_channels=32)
         m.pixel_encoder = cnn(32, (1, 2, 2, 4), num_res_blocks=1, z_channels=32, num_groups=8)
         m.pixel_decoder = cnn(32, (1, 2, 2, 4), num_res_blocks=1, z_channels=32, num_groups=8)
-        m.semantic_out_dim = 64
+        m.semantic_out_dim = 512  # VGG16 relu5_3 width: the offline teacher (see config.teacher)
         m.pixel_resolution = 0
         m.input_scaling = "none"
         config.quantizer = quantizer(1024, (1, 2, 4, 6, 8))
+        teacher = dict(kind="vgg16", model="", input_scaling="imagenet")
+        train = dict(global_batch_size=8, num_steps=300, log_every=10, checkpoint_every=100, image_every=100)
+        disc_start, init_tower = 200, ""
     elif arg.variant == "b":
         res = arg.res or 224
         if res not in (224, 256):
@@ -81,6 +86,11 @@ def get_config(arg=None):
         m.pixel_resolution = 0
         m.input_scaling = "none"  # clipb_224 feeds [-1, 1] straight into the encoder
         config.quantizer = quantizer(32768, B_SCALES + ((16,) if res == 256 else ()))
+        # The frozen teacher is the full CLIP image tower with its 768 -> 512 projection.
+        teacher = dict(kind="clip", model="openai/clip-vit-base-patch16", input_scaling="clip")
+        train = dict(global_batch_size=256, num_steps=1_000_000, log_every=50, checkpoint_every=5000,
+                     image_every=2000)
+        disc_start, init_tower = 20_000, "openai/clip-vit-base-patch16"
     elif arg.variant == "xl":
         m.image_size = 384
         # so400m has 27 layers; TokenFlow uses hidden_states[-2], so 26 are built and run.
@@ -92,10 +102,58 @@ def get_config(arg=None):
         m.pixel_resolution = 432  # pixel branch sees x bicubic-resized to 16 * 27
         m.input_scaling = "siglip"
         config.quantizer = quantizer(32768, XL_SCALES)
+        teacher = dict(kind="siglip", model="google/siglip-so400m-patch14-384", input_scaling="siglip")
+        train = dict(global_batch_size=256, num_steps=500_000, log_every=50, checkpoint_every=5000,
+                     image_every=2000)
+        disc_start, init_tower = 20_000, "google/siglip-so400m-patch14-384"
     else:
         raise ValueError(f"unknown tokenizer variant {arg.variant!r}; expected tiny, b or xl")
 
-    config.mesh = common.ConfigDict(dict(shape=(-1, 1, 1), axes=("data", "fsdp", "tensor")))
-    # Pretrained weights: a TokenFlow checkpoint (orbax dir) and/or an HF tower for the semantic encoder.
-    config.init = common.ConfigDict(dict(checkpoint="", semantic_encoder=""))
+    config.teacher = common.ConfigDict(teacher)
+
+    # Data: the built-in procedural shapes set by default; 'folder', 'tfds' (e.g. imagenet2012) or
+    # 'array_record' for real data (see tokenflow_jax/data/pipeline.py).
+    config.data = common.ConfigDict(dict(
+        source="shapes", num_examples=100_000, path="", name="", split="train", data_dir="",
+        image_size=m.image_size, num_workers=0,
+    ))
+    config.loss = common.ConfigDict(dict(
+        recon="l2", recon_weight=1.0, lpips_weight=1.0, semantic_weight=1.0,
+        disc_start=disc_start, disc_weight=0.5, disc_loss="hinge",
+    ))
+    config.disc = common.ConfigDict(dict(ndf=64, n_layers=3))
+    # Adam(0.9, 0.95), constant 1e-4, clip 1.0, no weight decay, for both networks (SPEC 3.3).
+    config.optim = common.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+                                          schedule="constant", warmup_steps=0))
+    config.disc_optim = common.ConfigDict(config.optim.to_dict())
+    config.train = common.ConfigDict(dict(
+        ema_decay=0.0,        # e.g. 0.9999 (the reference's --ema option)
+        trainable=(),         # regexes; non-empty = train only these (stage 2: ('^pixel_decoder/',))
+        frozen=(),            # regexes never trained
+        keep_checkpoints=3, async_checkpoints=True, preview_images=8, **train,
+    ))
+
+    # `tokenflow-jax eval`: the reference protocol on config.data's evaluation split (ImageNet val 50k).
+    config.eval = common.ConfigDict(dict(
+        num_images=64 if arg.variant == "tiny" else 50_000, batch_size=16 if arg.variant == "tiny" else 64,
+        split="validation",
+    ))
+
+    config.mesh = common.ConfigDict(dict(shape=(-1, 1, 1), axes=("data", "fsdp", "tensor"), num_devices=0))
+    # Resume order: a checkpoint in the workdir > config.resume > config.init.checkpoint (entries matching
+    # config.init.reinit are rebuilt, e.g. the enhanced decoder in stage 2) > config.init.semantic_encoder
+    # (HF CLIP/SigLIP tower) > scratch.
+    config.resume = ""
+    config.init = common.ConfigDict(dict(checkpoint="", reinit=(), semantic_encoder=init_tower))
+
+    if arg.stage2:
+        # Stage 2 (SPEC 2.9): from a trained tokenizer (--config.init.checkpoint=DIR), rebuild the pixel
+        # decoder from scratch (the enhanced one with `enhanced`) and train only it, same losses; the model
+        # stays in train mode, so the random scale drop stays active as in the reference.
+        config.train.stage = 2
+        config.train.trainable = ("^pixel_decoder/",)
+        config.init.reinit = ("^params/pixel_decoder/",)
+        config.init.semantic_encoder = ""
+    else:
+        config.train.stage = 1
     return config

@@ -7,6 +7,13 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# 8 device threads share 2 cores: under load one thread can fall > 40 s (XLA:CPU's default) behind the
+# others in a step, and XLA then aborts at the next collective. 600 s tolerates that, yet a genuine
+# collective deadlock (XLA:CPU can starve when independent collectives run concurrently on fake devices)
+# still fails the run within minutes instead of hanging CI.
+if "collective_call_terminate" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=600"
+                                " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,6 +25,14 @@ from absl import flags  # noqa: E402
 
 # Tests compare against float32 references; never let a test run in reduced matmul precision.
 jax.config.update("jax_default_matmul_precision", "highest")
+# Trainer tests compile the same step several times (fresh closures per run): the persistent cache
+# turns the repeats into reloads, within a session and across CI runs on the same machine.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update(
+        "jax_compilation_cache_dir",
+        os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tokenflow_jax", "jax_tests"),
+    )
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def pytest_configure(config):

@@ -76,9 +76,17 @@ def _require_step(directory: str, step: int | None) -> int:
     return step
 
 
+def path_key_name(k: Any) -> str:
+    """One path entry as orbax names it: dict keys, attribute (NamedTuple field) names, list indices."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
 def _flat(tree: Any) -> dict[str, Any]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf for path, leaf in leaves}
+    return {"/".join(path_key_name(k) for k in path): leaf for path, leaf in leaves}
 
 
 def tree_differences(stored: Any, target: Any) -> list[str]:
@@ -198,3 +206,38 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_variables_partially(directory: str, target: Any, skip: tuple[str, ...] = (),
+                                step: int | None = None) -> tuple[Any, list[str]]:
+    """Restores every entry of ``target`` that the checkpoint holds with the same shape, except paths
+    matching a ``skip`` regex (e.g. ``('^params/pixel_decoder/',)`` to rebuild the decoder in stage 2).
+
+    Returns (restored subset as a nested dict, sorted paths of ``target`` that were NOT restored and
+    must come from a fresh init). Paths are '/'-joined keys.
+    """
+    import re
+
+    from flax import traverse_util
+
+    step = _require_step(directory, step)
+    stored = _flat(getattr(_manager(directory).item_metadata(step)[VARIABLES], "tree", None) or {})
+    skip_re = [re.compile(p) for p in skip]
+    flat_target = traverse_util.flatten_dict(target, sep="/")
+    keep = {k: v for k, v in flat_target.items()
+            if k in stored and tuple(stored[k].shape) == tuple(v.shape) and not any(r.search(k) for r in skip_re)}
+    missing = sorted(set(flat_target) - set(keep))
+    if not keep:
+        return {}, missing
+    subset = traverse_util.unflatten_dict(keep, sep="/")
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory) if "://" not in directory else directory,
+        item_handlers={VARIABLES: ocp.PyTreeCheckpointHandler()},
+    )
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), subset
+    )
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{VARIABLES: ocp.args.PyTreeRestore(item=subset, restore_args=restore_args, partial_restore=True)}
+    ))[VARIABLES]
+    return restored, missing

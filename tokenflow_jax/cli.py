@@ -1,8 +1,11 @@
 """The ``tokenflow-jax`` command.
 
+    tokenflow-jax train --config configs/tokenizer.py:tiny --workdir DIR
+    tokenflow-jax eval --checkpoint DIR/checkpoints [--num-images N]
     tokenflow-jax reconstruct --config configs/tokenizer.py:tiny --images builtin --out DIR [--checkpoint CKPT]
     tokenflow-jax convert --from official --checkpoint FILE.pt --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax convert --from hf --model ID_OR_PATH --config configs/tokenizer.py:xl --out DIR
+    tokenflow-jax export --checkpoint DIR --out tokenflow.pt
 
 Every command takes ``--config FILE:ARG`` plus any number of ``--config.a.b=value`` overrides; the
 config is loaded and validated before any model is built or compiled.
@@ -52,6 +55,28 @@ def cmd_reconstruct(args, overrides) -> int:
     return reconstruct.run(config, args.images, args.out, args.checkpoint, batch_size=args.batch_size)
 
 
+TRAINERS = {"tokenizer": "tokenflow_jax.train.tokenizer"}
+
+
+def cmd_train(args, overrides) -> int:
+    import importlib
+
+    config = _load_config(args.config, overrides)
+    recipe = config.get("recipe", "")
+    if recipe not in TRAINERS:
+        raise ValueError(f"config.recipe {recipe!r} has no trainer; known recipes: {sorted(TRAINERS)}")
+    importlib.import_module(TRAINERS[recipe]).train(config, args.workdir)
+    return 0
+
+
+def cmd_eval(args, overrides) -> int:
+    from tokenflow_jax.eval import tokenizer_eval
+
+    config = _load_config(args.config, overrides, args.checkpoint)
+    return tokenizer_eval.run(config, args.checkpoint, args.out, args.num_images, args.batch_size,
+                              with_fid=not args.no_fid)
+
+
 def cmd_convert(args, overrides) -> int:
     from tokenflow_jax.convert import run as convert_run
 
@@ -63,6 +88,13 @@ def cmd_convert(args, overrides) -> int:
     if not args.model:
         raise SystemExit("error: --from hf needs --model HUB_ID_OR_PATH")
     return convert_run.from_hf(config, args.model, args.out)
+
+
+def cmd_export(args, overrides) -> int:
+    from tokenflow_jax.convert import run as convert_run
+
+    config = _load_config(args.config, overrides, args.checkpoint)
+    return convert_run.to_official(config, args.checkpoint, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.set_defaults(fn=cmd_reconstruct)
 
+    p = sub.add_parser("train", help="train the recipe named by the config; resumes from DIR's checkpoints")
+    p.add_argument("--config", required=True, help="config FILE:ARG, e.g. configs/tokenizer.py:tiny")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/ and images/ go here")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="PSNR, SSIM, LPIPS, rFID and codebook usage of a tokenizer checkpoint")
+    p.add_argument("--config", help="config FILE:ARG (default: the checkpoint's)")
+    p.add_argument("--checkpoint", help="orbax checkpoint directory (e.g. WORKDIR/checkpoints)")
+    p.add_argument("--num-images", type=int, help="default config.eval.num_images")
+    p.add_argument("--batch-size", type=int, help="global batch, default config.eval.batch_size")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID (InceptionV3 is ~6 GFLOP per image)")
+    p.add_argument("--out", help="JSON output (default CHECKPOINT/eval.json)")
+    p.set_defaults(fn=cmd_eval)
+
     p = sub.add_parser("convert", help="import official TokenFlow .pt or HF CLIP/SigLIP weights into a checkpoint")
     p.add_argument("--from", dest="source", choices=("official", "hf"), required=True)
     p.add_argument("--config", required=True, help="tokenizer config FILE:ARG the weights belong to")
@@ -86,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF hub id or local directory of a CLIP/SigLIP vision model (--from hf)")
     p.add_argument("--out", required=True, help="output orbax checkpoint directory")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("export", help="write a checkpoint's tokenizer in the official TokenFlow .pt layout")
+    p.add_argument("--checkpoint", required=True, help="orbax checkpoint directory")
+    p.add_argument("--config", help="config FILE:ARG (default: the checkpoint's)")
+    p.add_argument("--out", required=True, help="output .pt or .safetensors file")
+    p.set_defaults(fn=cmd_export)
     return parser
 
 

@@ -80,6 +80,14 @@ def make_mesh(
     return Mesh(device_array, tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
 
 
+def mesh_from_config(mesh_config) -> Mesh:
+    """The mesh of ``config.mesh``: ``shape``, ``axes`` and optionally ``num_devices`` (0 = all devices;
+    N = the first N, e.g. a one-device debugging run on a multi-device host)."""
+    count = int(mesh_config.get("num_devices", 0) or 0)
+    devices = jax.devices()[:count] if count else None
+    return make_mesh(mesh_config.shape, mesh_config.axes, devices)
+
+
 def _fit_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """Drops mesh axes that do not divide their array dimension (e.g. a 3-channel conv output)."""
     fitted = []

@@ -274,6 +274,7 @@ class MultiScaleQuantizer(nn.Module):
         aux: dict[str, Any] = {
             "scale_mask": keep,
             "perplexity": jax.vmap(perplexity)(counts),
+            "scale_usage": jnp.mean(counts > 0, axis=1),  # fraction of K chosen at each scale in this batch
             "batch_usage": jnp.mean(jnp.sum(counts * keep[:, None], axis=0) > 0),
         }
         if train:

@@ -1,0 +1,364 @@
+"""Tokenizer trainer: TokenFlow + PatchGAN with L2/L1 + LPIPS + semantic cosine + VQ losses (SPEC 3).
+
+    tokenflow-jax train --config configs/tokenizer.py:tiny --workdir DIR [--config.x=y ...]
+
+One linear function in sections: set-up, mesh, input, models, state and shardings, initialisation or
+resume, the update step, the loop. The update step is pure: ``(state, batch) -> (state, metrics)``,
+jitted with in/out shardings and the state donated; one generator forward serves both the generator
+and the discriminator gradients. Restarting the same command continues from the newest checkpoint in
+``DIR`` (model, optimizers, discriminator, EMA, data position), so the resumed steps equal the
+uninterrupted run's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tokenflow_jax import checkpoint, parallel, prng
+from tokenflow_jax.data import images as image_io
+from tokenflow_jax.models import discriminator as disc_lib
+from tokenflow_jax.models import tokenizer as tokenizer_lib
+from tokenflow_jax.train import common, optim
+from tokenflow_jax.train import teacher as teacher_lib
+from tokenflow_jax.train import tokenizer_loss as losses
+
+logger = logging.getLogger(__name__)
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # generator (TokenFlow) parameters
+    quantizer: Any  # the quantizer collection: usage window, EMA codebooks
+    opt_state: Any
+    disc_params: Any
+    disc_stats: Any  # discriminator BatchNorm statistics
+    disc_opt_state: Any
+    ema_params: Any  # {} when config.train.ema_decay == 0
+
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "quantizer": self.quantizer}
+
+
+def rest_of_state(state: TrainState) -> dict[str, Any]:
+    """Everything but the model variables: the checkpoint's ``train_state`` item."""
+    return {"step": state.step, "opt_state": state.opt_state, "disc_params": state.disc_params,
+            "disc_stats": state.disc_stats, "disc_opt_state": state.disc_opt_state, "ema_params": state.ema_params}
+
+
+def train(config, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) the tokenizer described by ``config`` in ``workdir``; returns the last metrics."""
+    from tokenflow_jax.data import pipeline
+
+    # ------------------------------------------------------------------------------------- set-up
+    tc = config.train
+    if tc.get("stage", 1) == 2 and not (config.get("resume", "") or config.init.checkpoint):
+        raise ValueError("stage 2 (decoder fine-tune) starts from a trained tokenizer: set "
+                         "--config.init.checkpoint=DIR (a tokenizer checkpoint or a converted official one)")
+    process = jax.process_index()
+    os.makedirs(workdir, exist_ok=True)
+    writer = common.MetricsWriter(workdir, enabled=process == 0)
+    guard = common.PreemptionGuard()
+
+    # --------------------------------------------------------------------------------------- mesh
+    mesh = parallel.mesh_from_config(config.mesh)
+    rules = tuple(tuple(r) for r in config.mesh.get("rules", parallel.DEFAULT_RULES))
+    logger.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+
+    # -------------------------------------------------------------------------------------- input
+    global_batch = int(tc.global_batch_size)
+    dataset = pipeline.make_dataset(config.data, global_batch_size=global_batch, process_index=process,
+                                    process_count=jax.process_count(), seed=config.seed, train=True)
+    data_iter = iter(dataset)
+
+    # ------------------------------------------------------------------------------------- models
+    parts = build_parts(config)
+    model, size = parts.model, parts.model.config.image_size
+    frozen = load_frozen_params(config, parts)
+
+    # --------------------------------------------------------------------- state and its shardings
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    init_state = make_init_state(config, parts)
+    disc = parts.disc
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed_model = jax.eval_shape(model.init, prng.make_key(0), dummy)
+        boxed_disc = jax.eval_shape(functools.partial(disc.init, train=False), prng.make_key(0), dummy)
+        model_sh = parallel.shardings_from_abstract(boxed_model, mesh, rules)
+        disc_sh = parallel.shardings_from_abstract(boxed_disc, mesh, rules)
+        abstract_state = jax.eval_shape(init_state, prng.make_key(0))
+        tx, labels = optim.make_optimizer(config.optim, abstract_state.params, tc.trainable, tc.frozen)
+        dtx, _ = optim.make_optimizer(config.disc_optim, abstract_state.disc_params)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state_sh = TrainState(
+            step=replicated, params=model_sh["params"], quantizer=model_sh.get("quantizer", {}),
+            opt_state=common.optimizer_state_shardings(abstract_state.opt_state, model_sh["params"], mesh),
+            disc_params=disc_sh["params"], disc_stats=disc_sh["batch_stats"],
+            disc_opt_state=common.optimizer_state_shardings(abstract_state.disc_opt_state,
+                                                            disc_sh["params"], mesh),
+            ema_params=model_sh["params"] if tc.ema_decay > 0 else {},
+        )
+        parallel.check_replication(abstract_state.params, state_sh.params, mesh,
+                                   config.mesh.get("max_replicated_fraction", 0.05))
+        frozen_sh = jax.tree.map(lambda _: replicated, frozen)
+    trained, total = optim.count_trainable(abstract_state.params, labels)
+    logger.info("tokenizer: %.2fM parameters, %.2fM trained; discriminator %.2fM", total / 1e6, trained / 1e6,
+                sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.disc_params)) / 1e6)
+    frozen = jax.device_put(frozen, frozen_sh)
+
+    # ------------------------------------------------------------------------ initialise or resume
+    ckpt = checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, use_async=tc.async_checkpoints)
+    init_fn = jax.jit(init_state, out_shardings=state_sh)
+    start = ckpt.latest_step()
+    if start is not None:
+        state = resume(ckpt, start, abstract_state, state_sh, data_iter)
+        logger.info("resumed from %s at step %d", ckpt.directory, start)
+    else:
+        state = initialise(config, init_fn, abstract_state, state_sh, model)
+        start = 0
+
+    # ------------------------------------------------------------------------------- update step
+    train_step = make_train_step(config, parts, tx, dtx)
+    step_fn = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None),
+                      donate_argnums=0)
+    recon_fn = jax.jit(lambda v, x: model.apply(v, x)[1])
+
+    # -------------------------------------------------------------------------------------- loop
+    scale_names = [f"scale_{s}" for s in config.quantizer.scales]
+    meta = {"recipe": "tokenizer", "config_spec": config.get("config_spec", ""),
+            "config_overrides": list(config.get("config_overrides", [])), "config": config.to_json()}
+    num_steps = int(tc.num_steps)
+    last: dict[str, float] = {}
+    preview = None
+    progress = _progress(start, num_steps, process == 0)
+    timer = time.time()
+    bad_images = 0
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for step in range(start, num_steps):
+                local = next(data_iter)
+                # Data metrics stay on the host: an in-step reduction that only depends on the input can
+                # run concurrently with the gradient all-reduces, which XLA:CPU's fake devices can deadlock on.
+                bad_images += int(np.sum(local["bad_images"]))
+                batch = pipeline.to_global_batch(local, mesh, keys=("image",))
+                if preview is None:
+                    preview = np.asarray(local["image"][: tc.preview_images])
+                state, metrics = step_fn(state, frozen, batch)
+                done = step + 1
+                if done % tc.log_every == 0 or done == num_steps:
+                    last = common.flatten_metrics(jax.device_get(metrics), scale_names)
+                    last["bad_images"] = float(bad_images)  # this process's count since the last log
+                    bad_images = 0
+                    common.check_finite(done, last)
+                    elapsed = time.time() - timer
+                    last["images_per_second"] = tc.log_every * global_batch / max(elapsed, 1e-9)
+                    timer = time.time()
+                    writer.write(done, last)
+                    progress.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}",
+                                         img_s=f"{last['images_per_second']:.1f}")
+                progress.update(1)
+                if tc.image_every and (done % tc.image_every == 0 or done == num_steps):
+                    recon = np.asarray(recon_fn(state.variables(), preview))
+                    grid = common.image_grid([image_io.model_to_uint8(preview), image_io.model_to_uint8(recon)])
+                    writer.image(done, "reconstruction", grid, os.path.join(workdir, "images", f"recon_{done:08d}.png"))
+                stop = guard.requested or ckpt.reached_preemption(done)
+                if done % tc.checkpoint_every == 0 or done == num_steps or stop:
+                    ckpt.save(done, state.variables(), rest_of_state(state), data_iter, meta, force=True)
+                if stop:
+                    logger.warning("stopping at step %d after a termination request; checkpoint saved", done)
+                    break
+    finally:
+        ckpt.close()
+        writer.close()
+        progress.close()
+        guard.restore()
+    return last
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """The modules a tokenizer run is made of (no parameters)."""
+    model: Any  # TokenFlow
+    disc: Any  # PatchDiscriminator
+    teacher: Any  # SemanticTeacher (frozen)
+    teacher_config: Any
+    lpips: Any  # LPIPS (frozen)
+
+
+def build_parts(config) -> Parts:
+    """The generator, discriminator, teacher and LPIPS modules of ``config``; checks the teacher width."""
+    from tokenflow_jax.models.perceptual import LPIPS
+
+    teacher_cfg = teacher_lib.teacher_config(config)
+    if teacher_cfg.feature_dim != config.model.semantic_out_dim:
+        raise ValueError(f"config.model.semantic_out_dim ({config.model.semantic_out_dim}) must equal the teacher's "
+                         f"feature width ({teacher_cfg.feature_dim}, teacher.kind={config.teacher.kind!r})")
+    return Parts(model=tokenizer_lib.build(config),
+                 disc=disc_lib.PatchDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers),
+                 teacher=teacher_lib.SemanticTeacher(teacher_cfg), teacher_config=teacher_cfg, lpips=LPIPS())
+
+
+def load_frozen_params(config, parts: Parts) -> dict[str, Any]:
+    """{'teacher': pretrained teacher params, 'lpips': the LPIPS VGG16 + linear heads} (host arrays)."""
+    from tokenflow_jax.models.perceptual import load_lpips_vgg16_params
+
+    return {"teacher": teacher_lib.load_teacher_params(config, parts.teacher_config),
+            "lpips": load_lpips_vgg16_params()}
+
+
+def make_init_state(config, parts: Parts):
+    """``key -> TrainState``: fresh generator, discriminator, optimizer states (and EMA copy)."""
+    tc = config.train
+    size = parts.model.config.image_size
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+
+    def init_state(key) -> TrainState:
+        k_model, k_disc = jax.random.split(key)
+        variables = nn.unbox(parts.model.init(k_model, dummy))
+        disc_vars = nn.unbox(parts.disc.init(k_disc, dummy, train=False))
+        tx, _ = optim.make_optimizer(config.optim, variables["params"], tc.trainable, tc.frozen)
+        dtx, _ = optim.make_optimizer(config.disc_optim, disc_vars["params"])
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=variables["params"], quantizer=variables.get("quantizer", {}),
+            opt_state=tx.init(variables["params"]), disc_params=disc_vars["params"],
+            disc_stats=disc_vars["batch_stats"], disc_opt_state=dtx.init(disc_vars["params"]),
+            ema_params=variables["params"] if tc.ema_decay > 0 else {},
+        )
+
+    return init_state
+
+
+def make_train_step(config, parts: Parts, tx, dtx):
+    """The pure update ``(state, frozen, batch) -> (state, metrics)``.
+
+    One generator forward gives the reconstruction for the generator loss (L2/L1 + LPIPS + semantic cosine
+    + adversarial from disc_start + VQ/commitment/entropy) and, with its gradient stopped, for the
+    discriminator's hinge loss; both optimizers step; the EMA params follow when enabled.
+    """
+    model, disc, teacher, lpips = parts.model, parts.disc, parts.teacher, parts.lpips
+    loss_cfg, tc = config.loss, config.train
+    base_key = prng.make_key(config.seed + 1)
+
+    def generator_loss(params, state, frozen, images, key):
+        (semantic, recon, _, aux, _), mutated = model.apply(
+            {"params": params, "quantizer": state.quantizer}, images, train=True,
+            rngs={"quantizer": key}, mutable=["quantizer"],
+        )
+        target = jax.lax.stop_gradient(teacher.apply({"params": frozen["teacher"]}, images))
+        logits_fake, _ = disc.apply({"params": state.disc_params, "batch_stats": state.disc_stats}, recon,
+                                    train=True, mutable=["batch_stats"])
+        w_adv = losses.adversarial_weight(state.step, loss_cfg.disc_start, loss_cfg.disc_weight)
+        terms = {
+            "recon_loss": losses.reconstruction_loss(images, recon, loss_cfg.recon),
+            "lpips_loss": jnp.mean(lpips.apply({"params": frozen["lpips"]}, images, recon)),
+            "semantic_loss": losses.semantic_cosine_loss(semantic, target),
+            "generator_adv_loss": disc_lib.generator_adversarial_loss(logits_fake),
+            **{k: aux.quantizer[k] for k in ("vq_loss", "commit_loss", "entropy_loss")},
+        }
+        total = (loss_cfg.recon_weight * terms["recon_loss"] + loss_cfg.lpips_weight * terms["lpips_loss"]
+                 + loss_cfg.semantic_weight * terms["semantic_loss"] + w_adv * terms["generator_adv_loss"]
+                 + terms["vq_loss"] + terms["commit_loss"] + terms["entropy_loss"])
+        quantizer_metrics = {k: aux.quantizer[k] for k in ("codebook_usage", "batch_usage", "perplexity",
+                                                            "scale_usage")}
+        return total, (recon, mutated.get("quantizer", {}), {**terms, **quantizer_metrics, "w_adv": w_adv})
+
+    def train_step(state: TrainState, frozen: Any, batch: dict[str, jax.Array]):
+        images = batch["image"]
+        key = jax.random.fold_in(base_key, state.step)
+        (loss, (recon, quantizer_state, metrics)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+            state.params, state, frozen, images, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(jnp.add, state.params, updates)
+
+        recon = jax.lax.stop_gradient(recon)
+        w_adv = metrics["w_adv"]
+
+        def discriminator_loss(disc_params):
+            variables = {"params": disc_params, "batch_stats": state.disc_stats}
+            logits_real, stats = disc.apply(variables, images, train=True, mutable=["batch_stats"])
+            variables = {"params": disc_params, "batch_stats": stats["batch_stats"]}
+            logits_fake, stats = disc.apply(variables, recon, train=True, mutable=["batch_stats"])
+            d_loss = w_adv * disc_lib.D_LOSSES[loss_cfg.disc_loss](logits_real, logits_fake)
+            return d_loss, (stats["batch_stats"], jnp.mean(logits_real), jnp.mean(logits_fake))
+
+        (d_loss, (disc_stats, real_mean, fake_mean)), d_grads = jax.value_and_grad(
+            discriminator_loss, has_aux=True)(state.disc_params)
+        d_updates, disc_opt_state = dtx.update(d_grads, state.disc_opt_state, state.disc_params)
+        disc_params = jax.tree.map(jnp.add, state.disc_params, d_updates)
+
+        ema = optim.ema_update(state.ema_params, params, tc.ema_decay) if tc.ema_decay > 0 else state.ema_params
+        metrics.update(
+            loss=loss, disc_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean,
+            psnr=losses.batch_psnr(images, recon),
+            **optim.update_metrics("", grads, state.params, updates),
+            **optim.update_metrics("disc_", d_grads, state.disc_params, d_updates),
+        )
+        new_state = TrainState(step=state.step + 1, params=params, quantizer=quantizer_state or state.quantizer,
+                               opt_state=opt_state, disc_params=disc_params, disc_stats=disc_stats,
+                               disc_opt_state=disc_opt_state, ema_params=ema)
+        return new_state, metrics
+
+    return train_step
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def resume(ckpt: checkpoint.TrainCheckpointer, step: int, abstract_state: TrainState, state_sh: TrainState,
+           data_iter) -> TrainState:
+    """The state at ``step`` from the workdir's checkpoints, on this run's shardings."""
+    target = common.with_shardings(abstract_state, state_sh)
+    variables, rest = ckpt.restore(step, {"params": target.params, "quantizer": target.quantizer},
+                                   rest_of_state(target), data_iter)
+    return TrainState(params=variables["params"], quantizer=variables["quantizer"], **rest)
+
+
+def initialise(config, init_fn, abstract_state: TrainState, state_sh: TrainState, model) -> TrainState:
+    """A fresh state, then weights from ``config.resume`` / ``config.init`` (SPEC resume order)."""
+    state = init_fn(prng.make_key(config.seed))
+    source = config.get("resume", "") or config.init.checkpoint
+    if source:
+        target = common.with_shardings(
+            {"params": abstract_state.params, "quantizer": abstract_state.quantizer},
+            {"params": state_sh.params, "quantizer": state_sh.quantizer},
+        )
+        restored, fresh = checkpoint.restore_variables_partially(source, target, tuple(config.init.reinit))
+        if fresh and not config.init.reinit:
+            raise checkpoint.CheckpointMismatchError(
+                f"{source!r} lacks (or has other shapes for) {len(fresh)} entries, e.g. {fresh[:5]}; list the "
+                "parts to rebuild in config.init.reinit (e.g. ('^params/pixel_decoder/',))"
+            )
+        logger.info("initialised from %s; %d entries freshly initialised", source, len(fresh))
+        variables = _merge({"params": state.params, "quantizer": state.quantizer}, restored)
+        state = state.replace(params=variables["params"], quantizer=variables["quantizer"])
+        if config.train.ema_decay > 0:
+            state = state.replace(ema_params=variables["params"])
+    elif config.init.semantic_encoder:
+        from tokenflow_jax.convert import run as convert_run
+
+        params = convert_run.semantic_encoder_params(config, config.init.semantic_encoder)
+        tower = jax.tree.map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+                             params, state.params["semantic_encoder"])
+        state = state.replace(params={**state.params, "semantic_encoder": tower})
+    return state
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
