@@ -93,3 +93,26 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     code = cli.main(["reconstruct", "--config", "configs/tokenizer.py:tiny", "--checkpoint",
                      str(tmp_path / "nothing"), "--images", "builtin", "--out", str(tmp_path / "o")])
     assert code == 2 and "no checkpoint found" in capsys.readouterr().err
+
+
+def test_official_file_to_checkpoint_and_back(tmp_path, capsys):
+    """convert --from official then export: the exported file equals the input tensor for tensor."""
+    from tokenflow_jax.convert import official, run
+
+    config = common.load_config("configs/tokenizer.py:tiny")
+    variables = jax.device_get(run.init_variables(config, seed=3))
+    source = official.variables_to_official(variables, config)
+    official.save_official(source, str(tmp_path / "tiny.pt"))
+    ckpt = str(tmp_path / "ckpt")
+    assert cli.main(["convert", "--from", "official", "--checkpoint", str(tmp_path / "tiny.pt"), "--config",
+                     "configs/tokenizer.py:tiny", "--out", ckpt]) == 0
+    assert cli.main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "back.safetensors")]) == 0
+    back = official.load_official_state_dict(str(tmp_path / "back.safetensors"))
+    assert set(back) == set(source)
+    for key in source:
+        np.testing.assert_array_equal(back[key], source[key], err_msg=key)
+    # A truncated .pt is named in a one-line error.
+    (tmp_path / "bad.pt").write_bytes((tmp_path / "tiny.pt").read_bytes()[:1000])
+    assert cli.main(["convert", "--from", "official", "--checkpoint", str(tmp_path / "bad.pt"), "--config",
+                     "configs/tokenizer.py:tiny", "--out", str(tmp_path / "x")]) == 2
+    assert "bad.pt" in capsys.readouterr().err

@@ -93,3 +93,15 @@ def from_official(config, checkpoint_file: str, out_dir: str) -> int:
     path = checkpoint.save_variables(out_dir, variables, _meta(config, f"official:{checkpoint_file}"))
     print(f"wrote {path} from {checkpoint_file} ({_summary(variables)})")
     return 0
+
+
+def to_official(config, checkpoint_dir: str, out_file: str) -> int:
+    """Exports a checkpoint's variables to the official key layout (.pt or .safetensors)."""
+    from tokenflow_jax import inference
+    from tokenflow_jax.convert import official
+
+    _, variables = inference.load_tokenizer(config, checkpoint_dir)
+    state = official.variables_to_official(jax.device_get(variables), config)
+    official.save_official(state, out_file)
+    print(f"wrote {out_file}: {len(state)} tensors in the official TokenFlow layout")
+    return 0
