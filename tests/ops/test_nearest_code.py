@@ -99,3 +99,10 @@ def test_block_plan_bounds_memory():
     with pytest.raises(ValueError, match="must divide"):
         nc.nearest_code_chunked(*(jnp.zeros((4, d)) for d in (32, 8)), *(jnp.zeros((10, d)) for d in (32, 8)),
                                 blocks=(4, 3))
+
+
+def test_first_minimum_equals_argmin_with_ties(rng):
+    d = rng.integers(0, 5, size=(64, 37)).astype(np.float32)  # many exact ties
+    i, m = nc.first_minimum(jnp.asarray(d))
+    np.testing.assert_array_equal(np.asarray(i), np.argmin(d, axis=1))
+    np.testing.assert_array_equal(np.asarray(m), d.min(axis=1))

@@ -90,20 +90,44 @@ def layer_norm(epsilon: float, *, dtype: Dtype = jnp.float32, name: str | None =
     )
 
 
+class GroupNorm(nn.Module):
+    """GroupNorm over NHWC maps, as torch ``nn.GroupNorm(G, C, eps)``: two-pass statistics in float32.
+
+    The statistics are reduced per channel over H*W first (a contiguous reduction XLA vectorises), then
+    within each group: ~1.6x faster on CPU than reducing [B, H*W, G, C/G] directly (bench/groupnorm.py),
+    the same operation up to float32 summation order. Parameters ``scale`` and ``bias`` [C] as flax's.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, ..., C] -> same shape, ``dtype``."""
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (c,), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,), jnp.float32)
+        b, per_group = x.shape[0], c // self.num_groups
+        flat = x.astype(jnp.float32).reshape(b, -1, c)
+        count = flat.shape[1] * per_group
+
+        def group_mean(per_channel_sums):  # [B, C] -> [B, C], each channel given its group's mean
+            group = per_channel_sums.reshape(b, self.num_groups, per_group).sum(-1) / count
+            return jnp.repeat(group, per_group, axis=1)
+
+        centred = flat - group_mean(jnp.sum(flat, axis=1))[:, None, :]
+        inv = jax.lax.rsqrt(group_mean(jnp.sum(centred * centred, axis=1)) + self.epsilon)
+        return (centred * (inv * scale)[:, None, :] + bias).reshape(x.shape).astype(self.dtype)
+
+
 def group_norm(
     num_groups: int = 32, epsilon: float = 1e-6, *, dtype: Dtype = jnp.float32, name: str | None = None
-) -> nn.GroupNorm:
+) -> GroupNorm:
     """GroupNorm over NHWC maps (torch ``nn.GroupNorm(32, C, eps=1e-6)``), two-pass variance."""
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=epsilon,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-        name=name,
-    )
+    return GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, name=name)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:

@@ -88,6 +88,19 @@ def plan_blocks(num_tokens: int, codebook_size: int, memory_bytes: int = DEFAULT
     return token_block, code_block
 
 
+def first_minimum(d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(lowest column index of each row's minimum [N] int32, that minimum [N]) of d [N, K].
+
+    Same result as ``argmin`` (first minimum on ties) for NaN-free d, as two plain reductions: XLA:CPU
+    lowers argmin to a variadic (value, index) reduce that it does not vectorise, which made the tile
+    reduction cost as much as the distance matmuls (bench/quantizer_tile.py).
+    """
+    m = jnp.min(d, axis=1)
+    cols = jax.lax.broadcasted_iota(jnp.int32, d.shape, 1)
+    first = jnp.min(jnp.where(d == m[:, None], cols, d.shape[1] - 1), axis=1)
+    return first, m
+
+
 def nearest_code_chunked(
     z_sem: jax.Array,
     z_pix: jax.Array,
@@ -127,8 +140,7 @@ def nearest_code_chunked(
             best_d, best_i = carry
             e_s, e_p, offset = block
             d = shared_mapping_distances(z_s, z_p, e_s, e_p, w_dis)
-            i = jnp.argmin(d, axis=1).astype(jnp.int32)
-            m = jnp.take_along_axis(d, i[:, None], axis=1)[:, 0]
+            i, m = first_minimum(d)
             better = m < best_d  # strict: an equal distance in a later block never wins
             return (jnp.where(better, m, best_d), jnp.where(better, i + offset, best_i)), None
 
