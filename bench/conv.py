@@ -26,11 +26,14 @@ from bench import common  # noqa: E402
 # decoder 512 ch at 64 px, xl encoder level 0 at 432 px, a lowest-resolution 1024-ch conv.
 SHAPES = [(1, 256, 128, 128), (1, 256, 256, 256), (1, 64, 512, 512), (1, 432, 128, 128), (1, 16, 1024, 1024)]
 QUICK_SHAPES = [(1, 256, 128, 128), (1, 256, 256, 256)]
-FLAG_SETS = {
-    "xnnpack": "--xla_cpu_use_xnnpack=true",
-    "onednn": "--xla_cpu_use_onednn=true",
-    "vector512": "--xla_cpu_prefer_vector_width=512",
-}
+# Child processes, in this order; "baseline" (no extra flag) runs first and last to bracket load drift.
+FLAG_SETS = [
+    ("baseline", ""),
+    ("xnnpack", "--xla_cpu_use_xnnpack=true"),
+    ("onednn", "--xla_cpu_use_onednn=true"),
+    ("vector512", "--xla_cpu_prefer_vector_width=512"),
+    ("baseline again", ""),
+]
 
 
 def conv_gflop(shape: tuple[int, int, int, int]) -> float:
@@ -122,7 +125,7 @@ def main() -> None:
         rows += torch_rows(shape, args.quick)
         print(f"  {shape} done", flush=True)
     if args.xla_flags_sweep:
-        for name, flags in FLAG_SETS.items():
+        for name, flags in FLAG_SETS:
             rows += flags_rows(name, flags, args.quick)
     matmul = info["matmul_f32_2048_gflops"]["median"]
     for row in rows:
