@@ -150,7 +150,9 @@ class TrainCheckpointer:
 
         handlers = {**item_handlers(), TRAIN_STATE: ocp.StandardCheckpointHandler(),
                     DATA: grain.checkpoint.CheckpointHandler()}
-        self.directory = os.path.join(workdir, "checkpoints") if "://" not in workdir else workdir + "/checkpoints"
+        # orbax's async writers need an absolute path (a relative one fails at the first async save).
+        self.directory = (os.path.join(os.path.abspath(workdir), "checkpoints") if "://" not in workdir
+                          else workdir + "/checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
