@@ -23,6 +23,17 @@ import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
 
+
+class _SkipUnrequestedItemNotices(logging.Filter):
+    """Inference restores only ``variables``/``meta`` from training checkpoints on purpose; orbax warns
+    once per other item (optimizer state, data iterator) on every read, which buries the real output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was found in the checkpoint, but could not be restored" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SkipUnrequestedItemNotices())
+
 VARIABLES = "variables"
 META = "meta"
 

@@ -100,6 +100,9 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
     assert checkpoint.latest_step(os.path.join(interrupted, "checkpoints")) == 3
     assert [m["step"] for m in read_metrics(interrupted)] == [1, 2, 3]
 
+    # A row an abandoned attempt wrote after the last checkpoint must not survive the resume.
+    with open(os.path.join(interrupted, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
     trainer.train(small_config(*steps), interrupted)  # resumes at step 3
     resumed = read_metrics(interrupted)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]

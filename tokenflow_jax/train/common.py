@@ -55,6 +55,20 @@ class MetricsWriter:
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             self._tb = EventWriter(os.path.join(workdir, "tensorboard"))
 
+    def drop_after(self, step: int) -> None:
+        """Removes JSON lines of steps after ``step``: a run resumed from the checkpoint at ``step`` (or
+        restarted from scratch, step 0) repeats them, and an abandoned attempt's rows must not remain.
+        (TensorBoard resolves repeated steps itself by showing the newest event file's values.)"""
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        path = self._jsonl.name
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+        self._jsonl = open(path, "a")
+
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return

@@ -127,6 +127,7 @@ def train(config, workdir: str) -> dict[str, float]:
     else:
         state = initialise(config, init_fn, abstract_state, state_sh, model)
         start = 0
+    writer.drop_after(start)
 
     # ------------------------------------------------------------------------------- update step
     train_step = make_train_step(config, parts, tx, dtx)
