@@ -46,8 +46,9 @@ CONFIGS: dict[str, tuple[str, list[str], int]] = {
 TARGET_MFU = 0.35  # issue 4: >= 35% of the measured f32 matmul rate for the forward+backward step
 
 
-def bench_config(name: str, repeats: int, matmul_rate: float) -> dict[str, Any]:
-    spec, overrides, batch = CONFIGS[name]
+def bench_config(name: str, repeats: int, matmul_rate: float, batch: int | None = None) -> dict[str, Any]:
+    spec, overrides, default_batch = CONFIGS[name]
+    batch = batch or default_batch
     config = config_lib.apply_overrides(config_lib.load_config(spec),
                                         overrides + [f"train.global_batch_size={batch}", "loss.disc_start=0"])
     parts = trainer.build_parts(config)
@@ -89,6 +90,8 @@ def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,b-reduced", help=f"comma-separated, from {sorted(CONFIGS)}")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", action="append", default=[], metavar="NAME=N",
+                        help="batch size for a config, e.g. --batch b-reduced=4 (default: the CONFIGS table)")
     args = parser.parse_args()
     common.enable_compile_cache()
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -96,11 +99,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --configs {unknown}; known: {sorted(CONFIGS)}")
     repeats = 2 if args.quick else args.repeats
+    batches = {k.strip(): int(v) for k, _, v in (b.partition("=") for b in args.batch)}
 
     matmul_start = common.matmul_gflops()
     rows = []
     for name in names:
-        row = bench_config(name, repeats, matmul_start["best"])
+        row = bench_config(name, repeats, matmul_start["best"], batches.get(name))
         rows.append(row)
         common.print_table([row], ["config", "step_s", "images_per_s", "gflop_per_img", "gflops", "mfu"])
     matmul_end = common.matmul_gflops()
