@@ -64,12 +64,23 @@ def test_convolutions_run_at_highest_precision_whatever_the_default():
     def conv_precisions(model):
         with jax.default_matmul_precision("default"):
             jaxpr = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x))(jnp.zeros((1, 299, 299, 3)))
-        return [e.params["precision"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+        return list(_conv_precisions(jaxpr.jaxpr))
 
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     precisions = conv_precisions(inception.InceptionV3())
     assert len(precisions) == 94 and all(p == highest for p in precisions)
     assert all(p != highest for p in conv_precisions(inception.InceptionV3(precision=None)))
+
+
+def _conv_precisions(jaxpr):
+    """Precisions of every convolution in ``jaxpr``, including inside custom_vjp calls (ops/conv.py)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            yield eqn.params["precision"]
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                yield from _conv_precisions(inner)
 
 
 def test_wrong_size_is_refused():
