@@ -12,6 +12,7 @@ is materialised before it is placed.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,8 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -75,7 +78,11 @@ def make_mesh(
         device_array = mesh_utils.create_device_mesh(
             shape, devices, allow_split_physical_axes=allow_split_physical_axes
         )
-    except (AssertionError, NotImplementedError, ValueError):
+    except (AssertionError, NotImplementedError, ValueError) as e:
+        # create_device_mesh only knows physical topologies (TPU slices, whole GPU hosts); a device subset
+        # (config.mesh.num_devices) or fake CPU devices get the devices in order, which is what they mean.
+        if devices and devices[0].platform == "tpu":
+            logger.warning("mesh %s: no topology-aware device order (%s); devices taken in id order", shape, e)
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
 

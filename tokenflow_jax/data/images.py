@@ -110,10 +110,16 @@ def uint8_to_model(arr: np.ndarray) -> np.ndarray:
     return ((arr.astype(np.float32) / 255.0) - 0.5) / 0.5
 
 
+def uint8_levels(x, xp=np):
+    """[-1, 1] floats -> the reference's uint8 levels floor(clamp(127.5 * x + 128, 0, 255)), still as
+    floats; ``xp`` = numpy or jax.numpy (traceable, for metrics inside jit)."""
+    return xp.floor(xp.clip(127.5 * x + 128.0, 0.0, 255.0))
+
+
 def model_to_uint8(x: np.ndarray) -> np.ndarray:
     """[-1, 1] floats -> uint8 via clamp(127.5 * x + 128, 0, 255) and truncation (the reference's
     round-half-up)."""
-    return np.clip(127.5 * np.asarray(x, np.float32) + 128.0, 0, 255).astype(np.uint8)
+    return uint8_levels(np.asarray(x, np.float32)).astype(np.uint8)
 
 
 def builtin_images() -> Iterator[tuple[str, Image.Image]]:

@@ -12,6 +12,14 @@ def psnr(reference: np.ndarray, test: np.ndarray, data_range: float = 1.0) -> fl
     return float(10.0 * np.log10(data_range**2 / mse))
 
 
+def psnr_per_image(reference, test):
+    """PSNR (dB, data range 1) of each image of [B, H, W, C] batches in [0, 1] (jax.numpy, traceable)."""
+    import jax.numpy as jnp
+
+    mse = jnp.mean((reference - test) ** 2, axis=tuple(range(1, reference.ndim)))
+    return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
+
+
 def ssim(reference, test, data_range: float = 1.0):
     """Mean SSIM per image, skimage ``structural_similarity`` defaults: 7x7 uniform window, K1 0.01,
     K2 0.03, sample covariance, channels averaged (``channel_axis=-1``), borders excluded.

@@ -27,6 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from tokenflow_jax import inference, parallel
+from tokenflow_jax.data import images as image_io
 from tokenflow_jax.eval import fid, metrics
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,11 @@ def build_eval_fn(model, with_fid: bool):
     def run(variables, frozen, images):
         _, recon, _, _, indices = model.apply(variables, images)
         real_u8 = jnp.round((images + 1.0) * 127.5)
-        fake_u8 = jnp.floor(jnp.clip(127.5 * recon + 128.0, 0.0, 255.0))
+        fake_u8 = image_io.uint8_levels(recon, jnp)
         real01, fake01 = real_u8 / 255.0, fake_u8 / 255.0
-        mse = jnp.mean((real01 - fake01) ** 2, axis=(1, 2, 3))
         out = {
             "indices": indices,
-            "psnr": 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-12)),
+            "psnr": metrics.psnr_per_image(real01, fake01),
             "ssim": metrics.ssim(real01, fake01, 1.0),
             "ssim_range2": metrics.ssim(real01, fake01, 2.0),
             "lpips": lpips.apply({"params": frozen["lpips"]}, real01 * 2 - 1, fake01 * 2 - 1),

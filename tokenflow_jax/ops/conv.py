@@ -44,8 +44,7 @@ def _fwd(x, w, padding, precision):
 
 def _bwd(padding, precision, residuals, g):
     x, w = residuals
-    _, input_vjp = jax.vjp(lambda x_: _forward(x_, w, padding, precision), x)
-    (dx,) = input_vjp(g)
+    (dx,) = jax.linear_transpose(lambda x_: _forward(x_, w, padding, precision), x)(g)
     kh, kw, c_in, c_out = w.shape
     out_h, out_w = g.shape[1:3]
     x_pad = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))

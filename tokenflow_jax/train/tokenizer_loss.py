@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tokenflow_jax.eval import metrics
+
 
 def reconstruction_loss(images: jax.Array, recon: jax.Array, kind: str = "l2") -> jax.Array:
     """Mean squared (``l2``, the reference default) or absolute (``l1``) error over all elements."""
@@ -35,5 +37,4 @@ def batch_psnr(images: jax.Array, recon: jax.Array) -> jax.Array:
     """Mean PSNR (dB, data range 1) over the batch, images mapped from [-1, 1] to [0, 1] and clipped."""
     a = (images.astype(jnp.float32) + 1.0) / 2.0
     b = jnp.clip((recon.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
-    mse = jnp.mean((a - b) ** 2, axis=(1, 2, 3))
-    return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
+    return jnp.mean(metrics.psnr_per_image(a, b))
