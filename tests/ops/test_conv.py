@@ -39,3 +39,16 @@ def test_layers_conv_uses_it_and_keeps_the_param_tree(rng):
     assert jaxpr.count("dot_general[") == 1 and "scan[" in jaxpr
     unboxed = layers.nn.unbox(variables)
     assert sorted(unboxed["params"]) == ["bias", "kernel"] and unboxed["params"]["kernel"].shape == (3, 3, 4, 6)
+
+
+def test_a_multi_device_mesh_keeps_xla_weight_gradients(rng, mesh222):
+    # Under a sharded mesh the per-tap scan would put collectives inside a loop body (a deadlock on
+    # XLA:CPU's fake devices, see ops/conv.py); traced under jax.set_mesh, layers.conv falls back.
+    x = jnp.asarray(rng.normal(size=(8, 8, 8, 4)).astype(np.float32))
+    assert conv_ops.matmul_weight_grad_applies()
+    with jax.set_mesh(mesh222):
+        assert not conv_ops.matmul_weight_grad_applies()
+        conv = layers.conv(6, 3, padding=1)
+        variables = conv.init(jax.random.key(0), x)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(conv.apply(v, x) ** 2)))(variables))
+    assert "scan[" not in jaxpr and "dot_general[" not in jaxpr

@@ -76,7 +76,7 @@ def conv(
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],)),
         # XLA:CPU's weight-gradient convolution is ~10% of its matmul rate on large maps (ops/conv.py).
-        conv_general_dilated=conv_ops.conv_general_dilated if jax.default_backend() == "cpu" else None,
+        conv_general_dilated=conv_ops.conv_general_dilated if conv_ops.matmul_weight_grad_applies() else None,
         name=name,
     )
 

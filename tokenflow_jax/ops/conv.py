@@ -72,9 +72,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None,
                          **kwargs: Any) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated`` (flax ``nn.Conv(conv_general_dilated=...)``): stride-1,
-    undilated, ungrouped NHWC/HWIO convolutions with explicit padding take :func:`conv_matmul_weight_grad`."""
+    undilated, ungrouped NHWC/HWIO convolutions with explicit padding take :func:`conv_matmul_weight_grad`,
+    unless traced under a multi-device mesh (see :func:`matmul_weight_grad_applies`)."""
     simple = (
-        tuple(window_strides) == (1, 1) and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        matmul_weight_grad_applies() and tuple(window_strides) == (1, 1)
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
         and all(d == 1 for d in (rhs_dilation or (1, 1))) and feature_group_count == 1 and not kwargs
         and not isinstance(padding, str) and _is_nhwc(dimension_numbers)
     )
@@ -83,6 +85,22 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     return conv_matmul_weight_grad(lhs, rhs, pads, precision)
+
+
+def matmul_weight_grad_applies() -> bool:
+    """True on the CPU backend when no multi-device mesh is set (``jax.set_mesh``) at trace time.
+
+    On a sharded mesh the per-tap slices of a batch- or channel-sharded input put collectives inside the
+    scan's loop body, once per tap; XLA:CPU runs such in-loop collectives in a different order on
+    different fake devices than the collectives outside the loop, which deadlocked the (2, 2, 2) trainer
+    test (device 0 waiting in an all-gather of the semantic encoder while the other seven waited in the
+    discriminator's collective-permute). Multi-device CPU runs are tests and debugging, where XLA's own
+    weight gradient is the right choice; single-device CPU training keeps the fast path.
+    """
+    if jax.default_backend() != "cpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
 
 
 def _is_nhwc(dimension_numbers: Any) -> bool:
