@@ -20,6 +20,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from tests.numerics import rel_err
 from tokenflow_jax import parallel
 from tokenflow_jax.convert import hf
 from tokenflow_jax.models.vit import VisionTransformer, ViTConfig
@@ -28,11 +29,6 @@ MAX_REL_ERR = 1e-5  # max|ours - torch| / max|torch|, float32 on CPU
 BATCH = 4
 DIMS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4)
 
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
