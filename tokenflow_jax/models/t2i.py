@@ -88,6 +88,30 @@ class T2IConfig:
         return tuple(int(x) for x in np.cumsum([0] + [s * s for s in self.scales]))
 
 
+def t2i_config(config, tokenizer_config, vocab_size: int | None = None) -> T2IConfig:
+    """T2IConfig from a ``configs/t2i.py`` ConfigDict and its tokenizer's config (scales, K, code width).
+
+    ``vocab_size`` overrides ``model.llm.vocab_size`` (the tiny config's 0 = the built text tokenizer's).
+    """
+    from tokenflow_jax.configdict import to_dataclass
+
+    llm = dict(config.model.llm)
+    if vocab_size is not None:
+        llm["vocab_size"] = int(vocab_size)
+    if not llm["vocab_size"]:
+        raise ValueError("config.model.llm.vocab_size is 0: pass the text tokenizer's vocabulary size")
+    q = tokenizer_config.quantizer
+    head = config.model.head
+    return to_dataclass(
+        T2IConfig,
+        dict(scales=tuple(q.scales), codebook_size=q.codebook_size, text_length=config.model.text_length,
+             code_dim=q.semantic_dim + q.pixel_dim, head=head,
+             image_token_start=llm["vocab_size"] - q.codebook_size - 1 if head == "extended" else 0),
+        "model",
+        llm=to_dataclass(transformer.TransformerConfig, llm, "model.llm"),
+    )
+
+
 def token_scale_index(scales: tuple[int, ...]) -> np.ndarray:
     """[N] int32: the scale (0-based) of each image token."""
     return np.concatenate([np.full(s * s, i, np.int32) for i, s in enumerate(scales)])

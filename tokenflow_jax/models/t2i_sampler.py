@@ -11,9 +11,10 @@ the unconditional prompt):
 
 :func:`sample_full_recompute` follows the reference: every pass runs the whole sequence up to the current
 block. :func:`sample_cached` keeps a KV cache: the text prefix and every finished scale are computed once,
-and a pass only computes the current block. A refinement pass writes its keys/values into a copy of the
-cache that is then dropped, because the next scale must see the block computed from the pass-0 input
-(the running map of scales < si), exactly as the reference's next full recompute does.
+and a pass only computes the current block, reading only the cache slots before the block's end. A
+refinement pass writes its keys/values into a copy of the cache that is then dropped, because the next
+scale must see the block computed from the pass-0 input (the running map of scales < si), exactly as the
+reference's next full recompute does.
 
 Random keys are ``fold_in(fold_in(key, si), pass)``, so both samplers draw the same codes for one seed.
 """
@@ -82,12 +83,11 @@ def sample_cached(model: t2i.NextScaleT2I, variables: Any, codebook: jax.Array, 
     key_valid = jnp.concatenate(
         [jnp.concatenate([text_mask, uncond_mask], 0).astype(bool), jnp.ones((rows, slots - p), bool)], axis=1
     )
-    slot_ids = jnp.arange(slots)
     cache = transformer.init_cache(cfg.llm, rows, slots)
 
     # The prefix: causal over the text; its last position predicts the 1x1 scale.
     prefix = apply(jnp.concatenate([text_ids, uncond_ids], 0), method=t2i.NextScaleT2I.prefix_embeds)
-    mask = key_valid[:, None, :] & (slot_ids[None, None, :] <= jnp.arange(p)[None, :, None])
+    mask = key_valid[:, None, :p] & jnp.tril(jnp.ones((p, p), bool))[None]
     hidden, cache = apply(cache, prefix, 0, mask, method=t2i.NextScaleT2I.extend)
     logits = apply(hidden[:, -1:], method=t2i.NextScaleT2I.code_logits)
     top_k, top_p = schedule.passes(0)[0]
@@ -99,8 +99,8 @@ def sample_cached(model: t2i.NextScaleT2I, variables: Any, codebook: jax.Array, 
         side, first = scales[si], offsets[si]
         start = p - 1 + first  # slot of the input predicting token `first`
         g = resize.bicubic_resize(running, (side, side))  # running map of scales < si at s_si
-        mask = jnp.broadcast_to(key_valid[:, None, :] & (slot_ids < start + side * side)[None, None, :],
-                                (rows, side * side, slots))
+        end = start + side * side  # the block attends slots [0, end): the prefix, earlier scales and itself
+        mask = jnp.broadcast_to(key_valid[:, None, :end], (rows, side * side, end))
 
         def block(inputs, cache, first=first, start=start, mask=mask):
             emb = apply(_both(inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])), first,
@@ -157,11 +157,10 @@ def sample_full_recompute(model: t2i.NextScaleT2I, variables: Any, codebook: jax
         vectors = jnp.take(codebook, jnp.concatenate([sampled, dummy], 1), axis=0)
         flat = t2i.running_map_inputs(vectors, scales[: si + 1])
         blocks = [flat[:, offsets[k] - 1 : offsets[k + 1] - 1] for k in range(1, si + 1)]
-        draft = None
+        draft, pass0_input = None, blocks[-1]
         for pi, (top_k, top_p) in enumerate(schedule.passes(si)):
-            if pi > 0:  # the block's input becomes the running map including the draft, at s_si
-                refined = blocks[-1] + jnp.take(codebook, draft, axis=0)
-                blocks = blocks[:-1] + [refined]
+            if pi > 0:  # the block's input becomes the running map including the current draft, at s_si
+                blocks = blocks[:-1] + [pass0_input + jnp.take(codebook, draft, axis=0)]
             logits = run(blocks, side * side)
             draft = _guided_sample(logits, pass_key(key, si, pi), si, n, cfg_scale, top_k, top_p)
         all_codes.append(draft)

@@ -223,7 +223,7 @@ class Attention(nn.Module):
 
         cache: None (keys = this block's L tokens, Lk = L) or (k_all, v_all, layer, index) with
         k_all, v_all [depth, B, S, K, Dh]: this layer's new keys/values are written at slots
-        index..index+L-1 of layer ``layer`` and the queries attend all S slots (Lk = S).
+        index..index+L-1 of layer ``layer`` and the queries attend the first Lk <= S slots.
         Returns ([B, L, D], cache with ``layer + 1``).
         """
         cfg = self.config
@@ -252,8 +252,11 @@ class Attention(nn.Module):
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             k_all = nn.with_logical_constraint(k_all, CACHE_AXES)
             v_all = nn.with_logical_constraint(v_all, CACHE_AXES)
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dtype)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dtype)
+            # Attend the first Lk slots only (Lk = the bias's key length, <= S): a block whose mask ends
+            # early (the t2i sampler's scale blocks) never reads the empty tail of the cache.
+            lk = bias.shape[-1]
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)[:, :lk].astype(dtype)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)[:, :lk].astype(dtype)
             cache = (k_all, v_all, layer + 1, index)
 
         out = attention(q, k, v, bias)
@@ -445,7 +448,8 @@ class Transformer(nn.Module):
             the default mask). Default: all valid.
           mask: None = attend every slot with 0 <= slot position <= the query's position (causal over
             positions, padding and empty slots excluded); or an explicit boolean / additive mask over the
-            cache slots, [B, L, S] or [B, 1|H, L, S] (e.g. block-causal across t2i scales).
+            first Lk <= S cache slots, [B, L, Lk] or [B, 1|H, L, Lk] (e.g. block-causal across t2i scales);
+            slots from Lk on are not read at all (index + L <= Lk is the caller's to keep).
           only_last, return_hidden: as in ``__call__``.
         Returns:
           (logits [B, L, V] float32 (or [B, 1, V]; with ``return_hidden`` (logits, hidden)), updated cache with
@@ -472,7 +476,10 @@ class Transformer(nn.Module):
         cache_positions = jax.lax.dynamic_update_slice(cache.positions, slot_positions, (jnp.int32(0), index))
         if mask is None:
             mask = (cache_positions[:, None, :] >= 0) & (cache_positions[:, None, :] <= positions[:, :, None])
-        bias = mask_to_bias(mask, batch, cfg.num_heads, length, slots)
+        key_length = jnp.shape(mask)[-1]
+        if key_length > slots:
+            raise ValueError(f"Transformer.extend: mask covers {key_length} key slots, the cache has {slots}")
+        bias = mask_to_bias(mask, batch, cfg.num_heads, length, key_length)
         layer0 = jnp.zeros((), jnp.int32)
         hidden, (k_all, v_all, _, _) = self._trunk(x, positions, bias, (cache.k, cache.v, layer0, index))
         new_cache = KVCache(
