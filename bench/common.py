@@ -58,6 +58,15 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------ machine info
+def config_names(parser: argparse.ArgumentParser, value: str, known: Any) -> list[str]:
+    """The comma-separated ``--configs`` value as a list; unknown names are a parser error listing ``known``."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"unknown --configs {unknown}; known: {sorted(known)}")
+    return names
+
+
 def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

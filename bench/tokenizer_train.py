@@ -94,10 +94,7 @@ def main() -> None:
                         help="batch size for a config, e.g. --batch b-reduced=4 (default: the CONFIGS table)")
     args = parser.parse_args()
     common.enable_compile_cache()
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(CONFIGS))
-    if unknown:
-        parser.error(f"unknown --configs {unknown}; known: {sorted(CONFIGS)}")
+    names = common.config_names(parser, args.configs, CONFIGS)
     repeats = 2 if args.quick else args.repeats
     batches = {k.strip(): int(v) for k, _, v in (b.partition("=") for b in args.batch)}
 

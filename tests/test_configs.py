@@ -63,3 +63,27 @@ def test_split_config_args():
     rest, overrides = common.split_config_args(["--images", "a.png", "--config.quantizer.w_dis", "0.5",
                                                 "--config.seed=3"])
     assert rest == ["--images", "a.png"] and overrides == ["--config.quantizer.w_dis=0.5", "--config.seed=3"]
+
+
+def test_t2i_variants_build_with_the_reference_shapes():
+    from tokenflow_jax.models import t2i
+
+    built = {}
+    for variant, tokens, vocab, head in (("7b", 817, 64769, "extended"), ("1b", 817, 32000, "separate"),
+                                         ("tiny", 121, 300, "separate")):
+        config = common.load_config(f"configs/t2i.py:{variant}")
+        tok = common.load_config(config.tokenizer.config)
+        built[variant] = t2i.t2i_config(config, tok, vocab_size=vocab if variant == "tiny" else None)
+        assert built[variant].num_tokens == tokens and built[variant].llm.vocab_size == vocab
+        assert built[variant].head == head and built[variant].sequence_length <= built[variant].llm.max_positions
+    # Llama-2-7B: 4096 wide, 32 layers of 32 heads (MHA), QK-norm; <vq_token_0> right after the text vocabulary.
+    seven = built["7b"]
+    assert (seven.llm.width, seven.llm.depth, seven.llm.num_kv_heads, seven.llm.mlp_dim) == (4096, 32, 32, 11008)
+    assert seven.llm.qk_norm and seven.image_token_start == 32000 and seven.text_length == 128
+    assert abs(seven.llm.num_params() - 7.0e9) < 0.3e9
+    tiny, tiny_tok = common.load_config("configs/t2i.py:tiny"), common.load_config("configs/tokenizer.py:tiny")
+    with pytest.raises(ValueError, match="vocab_size is 0"):
+        t2i.t2i_config(tiny, tiny_tok)
+    common.apply_overrides(tiny, ["model.llm.num_kv_heads=3"])
+    with pytest.raises(ValueError, match="config.model.llm: .*num_heads"):
+        t2i.t2i_config(tiny, tiny_tok, vocab_size=300)

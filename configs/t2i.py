@@ -1,0 +1,85 @@
+"""Next-scale text-to-image configs (SPEC 5).
+
+Variants (``configs/t2i.py:ARG``):
+  tiny    CPU-sized decoder on the `tiny` tokenizer's 5 scales (1, 2, 4, 6, 8; 121 tokens) and the built-in
+          shapes captions; a small word-level text tokenizer is built from the captions offline.
+  1b      TinyLlama-1.1B shape (the paper's 1B row, Table 7): 22 layers, width 2048, GQA 32/4 heads.
+  7b      Llama-2-7B shape with QK-norm, as the released ByteFlow-AI/TokenFlow-t2i: 32 layers, width 4096,
+          MHA 32 heads, the vocabulary extended by 32,768 <vq_token_i> + [PAD] (SPEC 5.1).
+The 1b and 7b variants use TokenFlow-B at 256 px (9 scales, 817 tokens) and Llama text tokens.
+
+Options: ``head=separate|extended`` (default: extended for 7b as the reference, separate otherwise).
+
+  tokenflow-jax train --config configs/t2i.py:tiny --workdir /tmp/t2i
+  ... --config configs/t2i.py:7b --config.model.init=meta-llama/Llama-2-7b-hf
+"""
+from configs import common
+
+NEGATIVE_PROMPT = (
+    "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst "
+    "quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
+)
+LLAMA_VOCAB = 32000
+
+
+def llm(width, depth, heads, kv_heads, mlp, vocab, *, qk_norm, theta=1e4, eps=1e-5, max_positions=2048):
+    return common.ConfigDict(dict(
+        vocab_size=vocab, width=width, depth=depth, num_heads=heads, num_kv_heads=kv_heads, mlp_dim=mlp,
+        rope_theta=theta, norm_eps=eps, qk_norm=qk_norm, qk_norm_eps=1e-6, qkv_bias=False,
+        tie_embeddings=False, max_positions=max_positions,
+        dtype="float32", param_dtype="float32", remat="none",
+    ))
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, variant="tiny", head="")
+    config = common.ConfigDict()
+    config.recipe = "t2i"
+    config.seed = 0
+    m = config.model = common.ConfigDict()
+    if arg.variant == "tiny":
+        config.tokenizer = common.ConfigDict(dict(config="configs/tokenizer.py:tiny", checkpoint=""))
+        # vocab_size 0: taken from the text tokenizer built from the shapes captions.
+        m.llm = llm(128, 4, 4, 2, 352, 0, qk_norm=True, max_positions=256)
+        m.text_length = 24
+        head = arg.head or "separate"
+        text = dict(tokenizer="builtin:shapes", uncond_prompt="")
+        train = dict(global_batch_size=16, num_steps=2000, warmup_steps=100, log_every=20, checkpoint_every=500)
+        sample = dict(cfg_scale=3.0, top_k=(64, 16, 1), top_p=(0.8, 0.8, 0.0))
+    elif arg.variant in ("1b", "7b"):
+        config.tokenizer = common.ConfigDict(dict(config="configs/tokenizer.py:b,res=256,enhanced", checkpoint=""))
+        head = arg.head or ("extended" if arg.variant == "7b" else "separate")
+        vocab = LLAMA_VOCAB + (32768 + 1 if head == "extended" else 0)  # + <vq_token_i> and [PAD]
+        if arg.variant == "1b":
+            m.llm = llm(2048, 22, 32, 4, 5632, vocab, qk_norm=True)  # TinyLlama-1.1B
+            text_model = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
+        else:
+            m.llm = llm(4096, 32, 32, 32, 11008, vocab, qk_norm=True)  # Llama-2-7B
+            text_model = "meta-llama/Llama-2-7b-hf"
+        m.llm.remat = "full"
+        m.llm.dtype = "bfloat16"
+        m.text_length = 128  # max_text_token_num, incl. BOS; "<img>" follows inside the prefix
+        text = dict(tokenizer=text_model, uncond_prompt=NEGATIVE_PROMPT)
+        train = dict(global_batch_size=256, num_steps=200_000, warmup_steps=5000, log_every=50,
+                     checkpoint_every=2000)
+        sample = dict(cfg_scale=7.5, top_k=(1200, 100, 1), top_p=(0.8, 0.8, 0.0))
+    else:
+        raise ValueError(f"unknown t2i variant {arg.variant!r}; expected tiny, 1b or 7b")
+    m.head = head
+    m.init = ""  # HF Llama id or path: initialise the decoder from it (vocabulary extended)
+    config.text = common.ConfigDict(dict(image_marker="<img>", **text))
+
+    config.data = common.ConfigDict(dict(
+        source="shapes", num_examples=100_000, path="", split="train", num_workers=0,
+        tokenized="",  # ArrayRecord shards from `tokenflow-jax tokenize`; empty = tokenise online
+    ))
+    # AdamW lr 5e-4, wd 0.1, constant after warmup, clip 0.5 (SPEC 5.6); captions dropped at 10% for CFG.
+    config.optim = common.ConfigDict(dict(lr=5e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=0.5,
+                                          schedule="constant", warmup_steps=train.pop("warmup_steps")))
+    config.train = common.ConfigDict(dict(cond_drop_rate=0.1, keep_checkpoints=3, async_checkpoints=True,
+                                          **train))
+    config.sample = common.ConfigDict(sample)
+    # tiny: data parallel; 1b / 7b: parameters and optimizer state sharded over all devices (FSDP).
+    shape = (-1, 1, 1) if arg.variant == "tiny" else (1, -1, 1)
+    config.mesh = common.ConfigDict(dict(shape=shape, axes=("data", "fsdp", "tensor"), num_devices=0))
+    return config
