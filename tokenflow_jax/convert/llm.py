@@ -17,10 +17,10 @@ Two steps, both strict:
 ``model.safetensors.index.json`` checkpoint, or ``pytorch_model.bin`` read with ``weights_only=True``) or a
 hub id (``huggingface_hub.snapshot_download``; offline, the error names the id).
 
-Safetensors files are memory-mapped and read here rather than through ``safe_open(framework="np")``:
-numpy cannot represent the bfloat16 tensors every released Llama / Qwen2.5 checkpoint uses, and torch is
-not a dependency of this package. A slice of the memory map touches only the pages it covers, which is
-what ``safe_open(...).get_slice`` would give.
+Safetensors files are memory-mapped (``sources.memmap_safetensors``) rather than read through
+``safe_open(framework="np")``: numpy cannot represent the bfloat16 tensors every released Llama / Qwen2.5
+checkpoint uses, and torch is not a dependency of this package. A slice of the memory map touches only
+the pages it covers, which is what ``safe_open(...).get_slice`` would give.
 
 Vocabulary extension (``vocab_size`` larger than the checkpoint's, e.g. the t2i model's 32,768
 ``<vq_token_i>`` + ``[PAD]``): old rows are copied exactly; new rows of ``embed_tokens`` and ``lm_head``
@@ -34,17 +34,14 @@ loss over the new tokens is close to uniform and no new token is favoured by cha
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, Sharding, SingleDeviceSharding
@@ -412,51 +409,16 @@ def convert(
 # ----------------------------------------------------------------------------------------------------------
 # Files
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-}
-
-
-def _memmap_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Lazy read-only views of every tensor of a .safetensors file (nothing is read until sliced).
-
-    The views keep the ``np.memmap`` alive; it is unmapped when the last of them is dropped.
-    """
-    try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        buffer = np.memmap(path, np.uint8, mode="r") if os.path.getsize(path) > 8 + header_len else None
-    except (OSError, ValueError) as e:
-        raise sources.WeightsNotFoundError(f"cannot read safetensors file {path!r}: {e}") from None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise sources.WeightsNotFoundError(f"{path!r}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        if buffer is None or begin == end:
-            out[name] = np.zeros(info["shape"], dtype)
-            continue
-        data = buffer[8 + header_len + begin : 8 + header_len + end]
-        out[name] = data.view(dtype).reshape(info["shape"])
-    return out
-
-
 def open_tensors(model_dir: str) -> tuple[dict[str, Any], list[str]]:
     """(name -> lazy array, files) for every weight file of an HF model directory.
 
     Safetensors files are memory-mapped (read on slicing); ``pytorch_model*.bin`` files are loaded whole
     with ``torch.load(weights_only=True)`` (floating tensors as float32).
     """
-    files = sources._weight_files(model_dir)
+    files = sources.weight_files(model_dir)
     tensors: dict[str, Any] = {}
     for path in files:
-        found = _memmap_safetensors(path) if path.endswith(".safetensors") else sources.torch_state_dict(path)
+        found = sources.memmap_safetensors(path) if path.endswith(".safetensors") else sources.torch_state_dict(path)
         duplicated = set(found) & set(tensors)
         if duplicated:
             raise ConversionError(f"{model_dir}: tensors stored twice (e.g. in {path!r}): {sorted(duplicated)}")

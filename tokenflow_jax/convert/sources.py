@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def read_config(model_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _weight_files(model_dir: str) -> list[str]:
+def weight_files(model_dir: str) -> list[str]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(model_dir, index_name)
         if os.path.isfile(index):
@@ -78,19 +79,55 @@ def _weight_files(model_dir: str) -> list[str]:
 
 
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) from one .safetensors or PyTorch weights file, one tensor at a time."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
+    """(name, array) from one .safetensors or PyTorch weights file, one tensor at a time.
 
-        try:
-            with safe_open(path, framework="np") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise WeightsNotFoundError(f"cannot read safetensors file {path!r}: {e}") from None
+    Floating tensors come back as float32 from either format (bf16 / f16 checkpoints included).
+    """
+    if path.endswith(".safetensors"):
+        for name, view in memmap_safetensors(path).items():
+            # A copy (the file is unmapped once the views are dropped); floats as float32, as torch_state_dict.
+            yield name, np.array(view, np.float32 if view.dtype in _FLOAT_DTYPES else view.dtype)
         return
     for name, array in torch_state_dict(path).items():
         yield name, array
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+_FLOAT_DTYPES = {np.dtype(d) for name, d in _SAFETENSORS_DTYPES.items() if name.startswith(("F", "BF"))}
+
+
+def memmap_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Lazy read-only views of every tensor of a .safetensors file (nothing is read until sliced).
+
+    The views keep the ``np.memmap`` alive; it is unmapped when the last of them is dropped.
+    """
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        buffer = np.memmap(path, np.uint8, mode="r") if os.path.getsize(path) > 8 + header_len else None
+    except (OSError, ValueError) as e:
+        raise WeightsNotFoundError(f"cannot read safetensors file {path!r}: {e}") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise WeightsNotFoundError(f"{path!r}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        if buffer is None or begin == end:
+            out[name] = np.zeros(info["shape"], dtype)
+            continue
+        data = buffer[8 + header_len + begin : 8 + header_len + end]
+        out[name] = data.view(dtype).reshape(info["shape"])
+    return out
 
 
 def torch_state_dict(path: str, container_keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -130,7 +167,7 @@ def load_hf_model(id_or_path: str) -> tuple[dict[str, np.ndarray], dict[str, Any
     model_dir = resolve_model_dir(id_or_path)
     config = read_config(model_dir)
     state = {}
-    for path in _weight_files(model_dir):
+    for path in weight_files(model_dir):
         state.update(iter_tensors(path))
     logger.info("read %d tensors from %s", len(state), model_dir)
     return state, config
