@@ -1,0 +1,124 @@
+"""Text tokenizers and the text prefix of the next-scale model (SPEC 5.2).
+
+    tokenizer = load_text_tokenizer("builtin:shapes")         # or a local path / HF hub id
+    encoder = PromptEncoder(tokenizer, length=24, image_marker="<img>")
+    prompts = encoder(["a red circle", "two blue squares"])   # ids / mask [B, 24], truncated [B]
+
+The prefix of every row is ``[PAD] x m, BOS, caption tokens, tokens(image_marker)``, left-padded to
+``length`` positions (the reference's ``max_text_token_num`` padding plus the "<img>" string tokenised as
+ordinary text), so the image block starts at the same position in every row. Captions too long for the
+room left after BOS and the marker are cut at the end and flagged in ``truncated``: callers count and
+report them.
+
+``builtin:shapes`` is a word-level tokenizer over the closed vocabulary of the built-in shapes captions
+(``tokenflow_jax.data.shapes``), built offline with ``tokenizers`` and wrapped as a transformers
+``PreTrainedTokenizerFast``, so the rest of the code treats it like any ``AutoTokenizer``. Its ids are a
+pure function of that vocabulary: no file needs saving next to a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tokenflow_jax.data import shapes
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "<s>", "</s>"
+
+
+def shapes_vocabulary() -> list[str]:
+    """Every word the shapes captions and the ShapesEval prompts use, in a fixed order."""
+    words = ["a", "an", "and", ",", "on", "the", "of", "above", "below"]
+    words += list(shapes.COL_NAMES) + list(shapes.ROW_NAMES)  # left/centre/right, top/middle/bottom
+    words += list(shapes.COLOURS)
+    words += [s for shape in shapes.SHAPES for s in (shape, shape + "s")]
+    words += [shapes.NUMBER_WORDS[n] for n in sorted(shapes.NUMBER_WORDS)]
+    words += [str(n) for n in range(10)]
+    return list(dict.fromkeys(words))  # dedupe, keep order
+
+
+def build_shapes_tokenizer():
+    """The ``builtin:shapes`` tokenizer: lower-cased words and punctuation, unknown words -> [UNK]."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, UNK, BOS, EOS]
+    vocab = {token: i for i, token in enumerate(specials + shapes_vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK, bos_token=BOS,
+                                        eos_token=EOS)
+    # The image markers are whole tokens here (a real LLM tokenizer splits them into ordinary pieces).
+    tokenizer.add_tokens(["<img>", "</img>"])
+    return tokenizer
+
+
+BUILTIN_TOKENIZERS = {"shapes": build_shapes_tokenizer}
+
+
+def load_text_tokenizer(spec: str):
+    """``builtin:NAME``, a local directory, or a HF hub id (``transformers.AutoTokenizer``)."""
+    if not spec:
+        raise ValueError("config.text.tokenizer is empty: give 'builtin:shapes', a local path or a HF hub id")
+    if spec.startswith(BUILTIN_PREFIX):
+        name = spec[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_TOKENIZERS:
+            raise ValueError(f"config.text.tokenizer={spec!r}: unknown built-in tokenizer; known: "
+                             f"{[BUILTIN_PREFIX + k for k in BUILTIN_TOKENIZERS]}")
+        return BUILTIN_TOKENIZERS[name]()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"config.text.tokenizer={spec!r}: no tokenizer found as a local directory or on the hub ({e}); "
+            "offline machines need a local copy (huggingface-cli download ... --local-dir DIR)") from e
+
+
+def vocab_size(tokenizer) -> int:
+    """Ids the embedding table must cover: the base vocabulary plus added tokens."""
+    return len(tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompts:
+    ids: np.ndarray  # int32 [B, P], left-padded
+    mask: np.ndarray  # int32 [B, P], 1 = token, 0 = padding
+    truncated: np.ndarray  # bool [B], the caption was cut to fit
+
+
+class PromptEncoder:
+    """Captions -> left-padded prefixes ``[PAD].., BOS, caption, marker`` of ``length`` tokens."""
+
+    def __init__(self, tokenizer: Any, length: int, image_marker: str = "<img>"):
+        self.tokenizer = tokenizer
+        self.length = int(length)
+        self.marker_ids = list(tokenizer(image_marker, add_special_tokens=False)["input_ids"]) if image_marker else []
+        self.bos_ids = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+        self.room = self.length - len(self.bos_ids) - len(self.marker_ids)
+        if self.room < 0:
+            raise ValueError(f"text length {self.length} cannot hold BOS and the image marker {image_marker!r} "
+                             f"({len(self.bos_ids) + len(self.marker_ids)} tokens); raise config.model.text_length")
+
+    def __call__(self, texts: Sequence[str]) -> EncodedPrompts:
+        b = len(texts)
+        ids = np.full((b, self.length), self.pad_id, np.int32)
+        mask = np.zeros((b, self.length), np.int32)
+        truncated = np.zeros((b,), bool)
+        encoded = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if b else []
+        for row, caption in enumerate(encoded):
+            truncated[row] = len(caption) > self.room
+            tokens = self.bos_ids + list(caption[: self.room]) + self.marker_ids
+            ids[row, self.length - len(tokens):] = tokens
+            mask[row, self.length - len(tokens):] = 1
+        return EncodedPrompts(ids, mask, truncated)
