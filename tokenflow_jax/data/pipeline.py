@@ -62,7 +62,7 @@ def num_eval_batches(num_examples: int, global_batch_size: int, process_count: i
     return math.ceil(largest_shard / local_batch_size(global_batch_size, process_count))
 
 
-def _stream_seeds(seed: int, process_index: int) -> tuple[int, int]:
+def stream_seeds(seed: int, process_index: int) -> tuple[int, int]:
     """(shuffle seed, augmentation seed) for this process: processes must not draw the same crops."""
     shuffle_seed, augment_seed = np.random.SeedSequence([seed, process_index]).generate_state(2)
     return int(shuffle_seed), int(augment_seed)
@@ -101,7 +101,7 @@ def build_dataset(
     if train:
         if len(ds) == 0:
             raise ValueError(f"{source!r} has {num_records} records: too few for {process_count} processes")
-        shuffle_seed, augment_seed = _stream_seeds(seed, process_index)
+        shuffle_seed, augment_seed = stream_seeds(seed, process_index)
         ds = decode.DecodeImages(ds, image_size=image_size, replace_bad=True, max_tries=max_bad_tries)
         ds = ds.shuffle(seed=shuffle_seed).repeat()
         ds = ds.random_map(TrainImage(image_size, crop, random_flip), seed=augment_seed)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -41,6 +42,71 @@ def eval_data_config(config, num_images: int) -> Any:
         if data.source == "shapes":
             data.num_examples = num_images
     return data
+
+
+def tokenizer_on_mesh(config, checkpoint_dir: str | None, seed: int = 0) -> tuple[Any, Any, Any, tuple]:
+    """The tokenizer of ``config`` on ``config.mesh``: (model, variables sharded over the mesh, mesh,
+    logical-axis rules). Without ``checkpoint_dir`` the weights are random (seed ``seed``, with a warning)."""
+    mesh = parallel.mesh_from_config(config.mesh)
+    rules = tuple(tuple(r) for r in config.mesh.get("rules", parallel.DEFAULT_RULES))
+    model, variables = inference.load_tokenizer(config, checkpoint_dir, mesh=mesh, seed=seed)
+    return model, variables, mesh, rules
+
+
+def sharded_eval_batches(
+    data_config, mesh, global_batch_size: int, seed: int, *, keys: Sequence[str] = ("image", "valid"),
+    batches: Sequence[int] | None = None,
+) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
+    """One evaluation-mode pass over ``data_config``, data-parallel over ``mesh`` and every process.
+
+    ``pipeline.make_dataset(train=False)``: centre crop, each process reads its slice, padded with
+    ``valid=False`` elements so every process runs the same number of batches (collectives never hang).
+    Process ``p``'s local batch ``k`` holds records ``p + process_count * (k * local_batch + j)``.
+
+    Args:
+      keys: the fields of the global batch (``pipeline.to_global_batch``).
+      batches: batch numbers to yield, ascending (default: all). The others are skipped without being
+        decoded where the iterator allows it (grain's ``next_index`` state), read and dropped otherwise.
+        Every process must pass the same numbers.
+
+    Yields:
+      (batch number, local numpy batch, global batch of ``keys``). Call the model inside
+      ``jax.set_mesh(mesh)`` and the logical-axis rules.
+    """
+    from tokenflow_jax.data import pipeline
+
+    dataset = pipeline.make_dataset(data_config, global_batch_size=global_batch_size,
+                                    process_index=jax.process_index(), process_count=jax.process_count(),
+                                    seed=seed, train=False)
+    iterator = iter(dataset)
+    try:
+        numbers = batches if batches is not None else range(2**62)
+        position = 0  # number of the batch the iterator yields next
+        for number in numbers:
+            if number < position:
+                raise ValueError(f"batches must be ascending; got {number} after {position - 1}")
+            if number > position:
+                _skip_batches(iterator, number - position)
+            local = next(iterator, None)
+            if local is None:
+                if batches is not None:
+                    raise ValueError(f"the data ended before batch {number} of {data_config.get('source')!r}")
+                return
+            position = number + 1
+            yield number, local, pipeline.to_global_batch(local, mesh, keys=keys)
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()  # stops grain worker processes (num_workers > 0)
+
+
+def _skip_batches(iterator, count: int) -> None:
+    state = iterator.get_state() if hasattr(iterator, "get_state") else None
+    if isinstance(state, dict) and set(state) == {"next_index"}:
+        # A MapDataset-backed iterator: jump without decoding the skipped images.
+        iterator.set_state({"next_index": state["next_index"] + count})
+        return
+    for _ in range(count):  # e.g. worker processes: their state is not a plain position
+        next(iterator)
 
 
 def build_eval_fn(model, with_fid: bool):
@@ -73,22 +139,16 @@ def build_eval_fn(model, with_fid: bool):
 def evaluate(config, checkpoint_dir: str | None, num_images: int | None = None, batch_size: int | None = None,
              with_fid: bool = True) -> dict[str, Any]:
     """Evaluates the tokenizer of ``config`` (weights from ``checkpoint_dir``); returns the results dict."""
-    from tokenflow_jax.data import pipeline
     from tokenflow_jax.models.inception import load_fid_inception_params
     from tokenflow_jax.models.perceptual import load_lpips_vgg16_params
 
     num_images = int(num_images or config.eval.num_images)
     batch_size = int(batch_size or config.eval.batch_size)
-    mesh = parallel.mesh_from_config(config.mesh)
-    rules = tuple(tuple(r) for r in config.mesh.get("rules", parallel.DEFAULT_RULES))
-    model, variables = inference.load_tokenizer(config, checkpoint_dir, mesh=mesh)
+    model, variables, mesh, rules = tokenizer_on_mesh(config, checkpoint_dir)
     frozen = {"lpips": load_lpips_vgg16_params()}
     if with_fid:
         frozen["inception"] = load_fid_inception_params()
     frozen = jax.device_put(frozen, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    dataset = pipeline.make_dataset(eval_data_config(config, num_images), global_batch_size=batch_size,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    seed=config.seed, train=False)
     eval_fn = build_eval_fn(model, with_fid)
     scales = list(config.quantizer.scales)
     k = config.quantizer.codebook_size
@@ -97,11 +157,11 @@ def evaluate(config, checkpoint_dir: str | None, num_images: int | None = None, 
     sums = {name: 0.0 for name in ("psnr", "ssim", "ssim_range2", "lpips")}
     stats_real, stats_fake = fid.FeatureStatistics(2048), fid.FeatureStatistics(2048)
     count, start = 0, time.time()
+    batches = sharded_eval_batches(eval_data_config(config, num_images), mesh, batch_size, config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for local in dataset:
+        for _, _, batch in batches:
             if count >= num_images:
                 break
-            batch = pipeline.to_global_batch(local, mesh, keys=("image", "valid"))
             # process_allgather: every process sees the whole global batch (works across hosts too).
             out = multihost_utils.process_allgather(eval_fn(variables, frozen, batch["image"]))
             valid = np.array(multihost_utils.process_allgather(batch["valid"]), bool)  # a writable copy
