@@ -38,7 +38,7 @@ def get_config(arg=None):
     config.seed = 0
     m = config.model = common.ConfigDict()
     if arg.variant == "tiny":
-        config.tokenizer = common.ConfigDict(dict(config="configs/tokenizer.py:tiny", checkpoint=""))
+        config.tokenizer = common.ConfigDict(dict(config="configs/tokenizer.py:tiny", overrides=[], checkpoint=""))
         # vocab_size 0: taken from the text tokenizer built from the shapes captions.
         m.llm = llm(128, 4, 4, 2, 352, 0, qk_norm=True, max_positions=256)
         m.text_length = 24
@@ -47,7 +47,8 @@ def get_config(arg=None):
         train = dict(global_batch_size=16, num_steps=2000, warmup_steps=100, log_every=20, checkpoint_every=500)
         sample = dict(cfg_scale=3.0, top_k=(64, 16, 1), top_p=(0.8, 0.8, 0.0))
     elif arg.variant in ("1b", "7b"):
-        config.tokenizer = common.ConfigDict(dict(config="configs/tokenizer.py:b,res=256,enhanced", checkpoint=""))
+        config.tokenizer = common.ConfigDict(dict(config="configs/tokenizer.py:b,res=256,enhanced", overrides=[],
+                                                   checkpoint=""))
         head = arg.head or ("extended" if arg.variant == "7b" else "separate")
         vocab = LLAMA_VOCAB + (32768 + 1 if head == "extended" else 0)  # + <vq_token_i> and [PAD]
         if arg.variant == "1b":
@@ -58,7 +59,8 @@ def get_config(arg=None):
             text_model = "meta-llama/Llama-2-7b-hf"
         m.llm.remat = "full"
         m.llm.dtype = "bfloat16"
-        m.text_length = 128  # max_text_token_num, incl. BOS; "<img>" follows inside the prefix
+        # The reference's max_text_token_num (128, BOS included) + tokens("<img>") (3 with the Llama tokenizer).
+        m.text_length = 131
         text = dict(tokenizer=text_model, uncond_prompt=NEGATIVE_PROMPT)
         train = dict(global_batch_size=256, num_steps=200_000, warmup_steps=5000, log_every=50,
                      checkpoint_every=2000)

@@ -79,7 +79,8 @@ def test_t2i_variants_build_with_the_reference_shapes():
     # Llama-2-7B: 4096 wide, 32 layers of 32 heads (MHA), QK-norm; <vq_token_0> right after the text vocabulary.
     seven = built["7b"]
     assert (seven.llm.width, seven.llm.depth, seven.llm.num_kv_heads, seven.llm.mlp_dim) == (4096, 32, 32, 11008)
-    assert seven.llm.qk_norm and seven.image_token_start == 32000 and seven.text_length == 128
+    # Text prefix: 128 caption tokens (BOS included) + tokens("<img>") (3 with the Llama tokenizer).
+    assert seven.llm.qk_norm and seven.image_token_start == 32000 and seven.text_length == 131
     assert abs(seven.llm.num_params() - 7.0e9) < 0.3e9
     tiny, tiny_tok = common.load_config("configs/t2i.py:tiny"), common.load_config("configs/tokenizer.py:tiny")
     with pytest.raises(ValueError, match="vocab_size is 0"):
@@ -87,3 +88,12 @@ def test_t2i_variants_build_with_the_reference_shapes():
     common.apply_overrides(tiny, ["model.llm.num_kv_heads=3"])
     with pytest.raises(ValueError, match="config.model.llm: .*num_heads"):
         t2i.t2i_config(tiny, tiny_tok, vocab_size=300)
+
+
+def test_sample_configs_take_the_t2i_variants_sampling_defaults():
+    for variant, cfg_scale, top_k in (("tiny", 3.0, (64, 16, 1)), ("7b", 7.5, (1200, 100, 1))):
+        config = common.load_config(f"configs/sample.py:{variant}")
+        assert config.recipe == "sample" and config.model_config == f"configs/t2i.py:{variant}"
+        assert config.sample.cfg_scale == cfg_scale and tuple(config.sample.top_k) == top_k
+    assert common.load_config("configs/sample.py:7b").sample.uncond_prompt.startswith("lowres, bad anatomy")
+    assert common.load_config("configs/sample.py:tiny,loops=1").sample.loops == 1

@@ -3,6 +3,10 @@
     tokenflow-jax train --config configs/tokenizer.py:tiny --workdir DIR
     tokenflow-jax eval --checkpoint DIR/checkpoints [--num-images N]
     tokenflow-jax reconstruct --config configs/tokenizer.py:tiny --images builtin --out DIR [--checkpoint CKPT]
+    tokenflow-jax tokenize --config configs/tokenizer.py:tiny --data shapes --out DIR [--checkpoint CKPT]
+    tokenflow-jax train --config configs/t2i.py:tiny --workdir DIR [--config.data.tokenized=TOKENS_DIR]
+    tokenflow-jax generate --config configs/sample.py:tiny --checkpoint DIR --prompts FILE --out DIR
+    tokenflow-jax eval-shapes --config configs/sample.py:tiny --checkpoint DIR [--loops 1,3]
     tokenflow-jax convert --from official --checkpoint FILE.pt --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax convert --from hf --model ID_OR_PATH --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax export --checkpoint DIR --out tokenflow.pt
@@ -55,7 +59,7 @@ def cmd_reconstruct(args, overrides) -> int:
     return reconstruct.run(config, args.images, args.out, args.checkpoint, batch_size=args.batch_size)
 
 
-TRAINERS = {"tokenizer": "tokenflow_jax.train.tokenizer"}
+TRAINERS = {"tokenizer": "tokenflow_jax.train.tokenizer", "t2i": "tokenflow_jax.train.t2i"}
 
 
 def cmd_train(args, overrides) -> int:
@@ -75,6 +79,32 @@ def cmd_eval(args, overrides) -> int:
     config = _load_config(args.config, overrides, args.checkpoint)
     return tokenizer_eval.run(config, args.checkpoint, args.out, args.num_images, args.batch_size,
                               with_fid=not args.no_fid)
+
+
+def cmd_tokenize(args, overrides) -> int:
+    from tokenflow_jax.data import tokenize
+
+    config = _load_config(args.config, overrides, args.checkpoint)
+    return tokenize.run(config, args.checkpoint, args.data, args.out, num_images=args.num_images,
+                        batch_size=args.batch_size, chunk_size=args.chunk_size)
+
+
+def cmd_generate(args, overrides) -> int:
+    from tokenflow_jax import generate
+
+    config = _load_config(args.config, overrides)
+    return generate.run(config, args.checkpoint, args.prompts, args.out, per_prompt=args.per_prompt, seed=args.seed)
+
+
+def cmd_eval_shapes(args, overrides) -> int:
+    from tokenflow_jax.eval import generation_eval
+
+    config = _load_config(args.config, overrides)
+    try:
+        loops = [int(x) for x in args.loops.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--loops must be a comma-separated list of 1, 2, 3, got {args.loops!r}") from None
+    return generation_eval.run(config, args.checkpoint, args.num_per_category, loops, args.out)
 
 
 def cmd_convert(args, overrides) -> int:
@@ -124,6 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fid", action="store_true", help="skip rFID (InceptionV3 is ~6 GFLOP per image)")
     p.add_argument("--out", help="JSON output (default CHECKPOINT/eval.json)")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("tokenize", help="encode a dataset once into ArrayRecord shards of (token indices, caption)")
+    p.add_argument("--config", help="tokenizer config FILE:ARG (default: the checkpoint's)")
+    p.add_argument("--checkpoint", help="orbax checkpoint directory (default: random weights, with a warning)")
+    p.add_argument("--data", help="'shapes', an image folder (+ .txt captions), an ArrayRecord path/glob, or "
+                                  "tfds:NAME[:SPLIT] (default: config.data)")
+    p.add_argument("--out", required=True, help="output folder: manifest.json + tokens-P*-C*.arrayrecord; a "
+                                                "re-run resumes")
+    p.add_argument("--num-images", type=int, help="the first N records of the source (default: all)")
+    p.add_argument("--batch-size", type=int, help="global batch, default config.eval.batch_size")
+    p.add_argument("--chunk-size", type=int, default=4096, help="records per shard file and process")
+    p.set_defaults(fn=cmd_tokenize)
+
+    p = sub.add_parser("generate", help="sample images for a file of prompts with a t2i checkpoint (resumable)")
+    p.add_argument("--config", required=True, help="sampling config FILE:ARG, e.g. configs/sample.py:tiny")
+    p.add_argument("--checkpoint", required=True, help="t2i training run's checkpoints directory")
+    p.add_argument("--prompts", required=True, help="prompt file: one per line (.txt) or JSON lines with 'prompt'")
+    p.add_argument("--out", required=True, help="output folder: images/, grids/, manifest.jsonl")
+    p.add_argument("--per-prompt", type=int, help="images per prompt (default config.per_prompt)")
+    p.add_argument("--seed", type=int, help="default config.seed")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("eval-shapes", help="ShapesEval (GenEval in the shapes world) of a t2i checkpoint per "
+                                           "sampling strategy")
+    p.add_argument("--config", required=True, help="sampling config FILE:ARG, e.g. configs/sample.py:tiny")
+    p.add_argument("--checkpoint", required=True, help="t2i training run's checkpoints directory")
+    p.add_argument("--num-per-category", type=int, default=20, help="prompts per GenEval category (6 categories)")
+    p.add_argument("--loops", default="1,3", help="sampling strategies to compare: passes per scale (1, 2, 3)")
+    p.add_argument("--out", help="JSON output (default CHECKPOINT/shapes_eval.json)")
+    p.set_defaults(fn=cmd_eval_shapes)
 
     p = sub.add_parser("convert", help="import official TokenFlow .pt or HF CLIP/SigLIP weights into a checkpoint")
     p.add_argument("--from", dest="source", choices=("official", "hf"), required=True)

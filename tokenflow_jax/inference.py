@@ -10,6 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tokenflow_jax import checkpoint, parallel, prng
@@ -66,6 +68,52 @@ def encode_decode_fn(model: tokenizer.TokenFlow):
         return image, indices
 
     return jax.jit(run)
+
+
+def encode_indices_fn(model: tokenizer.TokenFlow):
+    """jitted (variables, images [B, H, W, 3] in [-1, 1]) -> token indices [B, N] int32 (eval mode)."""
+    return jax.jit(lambda variables, images: model.apply(variables, images, method=tokenizer.TokenFlow.encode)[2])
+
+
+def decode_indices_fn(model: tokenizer.TokenFlow):
+    """jitted (variables, indices [B, N]) -> uint8 images [B, H, W, 3] (the reference's clamp(127.5 y + 128))."""
+    from tokenflow_jax.data import images as image_io
+
+    def run(variables, indices):
+        _, image = model.apply(variables, indices, method=tokenizer.TokenFlow.decode_code)
+        return image_io.uint8_levels(image, jnp).astype(jnp.uint8)
+
+    return jax.jit(run)
+
+
+def codebook_vectors(model: tokenizer.TokenFlow, variables: Any) -> jax.Array:
+    """The normalised 40-d code vectors [K, C] (semantic then pixel part) that downstream models read."""
+    k = model.config.quantizer.codebook_size
+    return jax.jit(lambda v: model.apply(v, jnp.arange(k), method=lambda m, i: m.quantizer.lookup(i)))(variables)
+
+
+def load_codebook(config, checkpoint_dir: str | None = None, seed: int = 0) -> np.ndarray:
+    """The code vectors [K, C] of the tokenizer of ``config``, reading only the codebooks from a checkpoint.
+
+    Without ``checkpoint_dir``: those of the randomly initialised tokenizer :func:`load_tokenizer` builds
+    with the same ``seed``.
+    """
+    model = tokenizer.build(config)
+    if not checkpoint_dir:
+        return np.asarray(codebook_vectors(model, load_tokenizer(config, None, seed=seed)[1]))
+    abstract = parallel.unbox_without_constraints(abstract_variables(model))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    flat = traverse_util.flatten_dict(abstract, sep="/")
+    # Every variable of the quantizer module (codebooks, and its state, which its setup reads): a few MB.
+    wanted = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in flat.items()
+              if k.split("/")[1] == "quantizer"}
+    target = traverse_util.unflatten_dict(wanted, sep="/")
+    restored, missing = checkpoint.restore_variables_partially(checkpoint_dir, target)
+    if missing:
+        raise checkpoint.CheckpointMismatchError(
+            f"tokenizer checkpoint {checkpoint_dir!r} lacks quantizer entries of the configured shape: {missing} "
+            f"(expected K = {model.config.quantizer.codebook_size})")
+    return np.asarray(codebook_vectors(model, restored))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

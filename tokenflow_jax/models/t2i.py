@@ -275,12 +275,17 @@ class NextScaleT2I(nn.Module):
         return hidden, cache
 
 
-def image_loss(logits: jax.Array, indices: jax.Array, offset: int = 0) -> jax.Array:
-    """Mean cross-entropy over all image tokens.
+def image_nll(logits: jax.Array, indices: jax.Array, offset: int = 0) -> jax.Array:
+    """Per-token cross-entropy [B, N] (float32).
 
-    logits [B, N, K] float32 with indices [B, N] in [0, K); or full-vocabulary logits [B, N, V] with
+    logits [B, N, K] with indices [B, N] in [0, K); or full-vocabulary logits [B, N, V] with
     ``offset`` = ``image_token_start`` (the target id of code i is offset + i).
     """
     targets = indices + offset
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def image_loss(logits: jax.Array, indices: jax.Array, offset: int = 0) -> jax.Array:
+    """Mean cross-entropy over all image tokens (see :func:`image_nll`)."""
+    return jnp.mean(image_nll(logits, indices, offset))

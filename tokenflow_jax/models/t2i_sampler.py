@@ -17,6 +17,8 @@ scale must see the block computed from the pass-0 input (the running map of scal
 reference's next full recompute does.
 
 Random keys are ``fold_in(fold_in(key, si), pass)``, so both samplers draw the same codes for one seed.
+With one key per prompt, each row draws from its own key: batch generation gives image (i, j) the same
+codes whichever batch it lands in.
 """
 from __future__ import annotations
 
@@ -30,16 +32,25 @@ from tokenflow_jax.models import t2i, transformer
 from tokenflow_jax.ops import resize, sampling
 
 
+def _per_row(key: jax.Array) -> bool:
+    """Whether ``key`` is one key per prompt ([B] typed keys, or [B, 2] raw uint32 keys)."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim > (0 if typed else 1)
+
+
 def pass_key(key: jax.Array, scale_index: int, pass_index: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(key, scale_index), pass_index)
+    fold = lambda k: jax.random.fold_in(jax.random.fold_in(k, scale_index), pass_index)  # noqa: E731
+    return jax.vmap(fold)(key) if _per_row(key) else fold(key)
 
 
 def _guided_sample(logits: jax.Array, key: jax.Array, si: int, num_scales: int, cfg_scale: float,
                    top_k: int, top_p: float) -> jax.Array:
-    """logits [2B, T, K] (cond rows first) -> codes [B, T] int32."""
+    """logits [2B, T, K] (cond rows first) -> codes [B, T] int32; ``key`` one key or one per row."""
     b = logits.shape[0] // 2
     t = sampling.guidance_scale(cfg_scale, si, num_scales)
     guided = sampling.apply_guidance(logits[:b], logits[b:], t)
+    if _per_row(key):
+        return jax.vmap(lambda k, x: sampling.sample(k, x, top_k, top_p))(key, guided)
     return sampling.sample(key, guided, top_k, top_p)
 
 
@@ -71,7 +82,8 @@ def sample_cached(model: t2i.NextScaleT2I, variables: Any, codebook: jax.Array, 
       codebook: [K, C] the tokenizer's normalised code vectors (semantic then pixel part).
       text_ids, text_mask: [B, P] the prompts, left-padded (mask 1 = token).
       uncond_ids, uncond_mask: [B, P] the unconditional prompt (the reference's negative prompt), per row.
-      key: PRNG key.
+      key: a PRNG key, or one per prompt ([B] keys): then each row's codes depend only on its own key and
+        prompt, not on the rest of the batch.
     """
     cfg = model.config
     _check_inputs(cfg, text_ids, text_mask, uncond_ids, uncond_mask)

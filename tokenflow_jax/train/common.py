@@ -157,3 +157,39 @@ def optimizer_state_shardings(abstract_opt_state: Any, param_shardings: Any, mes
 def with_shardings(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying ``shardings`` (restore targets, AOT compile inputs)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def mesh_and_rules(config):
+    """The run's mesh (``config.mesh``) and logical-axis rules (``config.mesh.rules``, default the project's)."""
+    from tokenflow_jax import parallel
+
+    mesh = parallel.mesh_from_config(config.mesh)
+    rules = tuple(tuple(r) for r in config.mesh.get("rules", parallel.DEFAULT_RULES))
+    logger.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    return mesh, rules
+
+
+def save_if_due(ckpt, guard: PreemptionGuard, done: int, num_steps: int, every: int, *items) -> bool:
+    """``ckpt.save(done, *items)`` every ``every`` steps, at the last step and when a termination was requested
+    (SIGTERM, or a preemption the cluster announced); returns True when the loop must stop after this step."""
+    stop = guard.requested or ckpt.reached_preemption(done)
+    if done % every == 0 or done == num_steps or stop:
+        ckpt.save(done, *items, force=True)
+    if stop:
+        logger.warning("stopping at step %d after a termination request; checkpoint saved", done)
+    return stop
+
+
+def progress_bar(start: int, total: int, enabled: bool, desc: str | None = None):
+    """A tqdm bar over training steps, shown by process 0 only."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, desc=desc)
+
+
+def merge_trees(base: dict, update: dict) -> dict:
+    """``base`` with every leaf present in ``update`` replaced (nested dicts merged, others kept)."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge_trees(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out

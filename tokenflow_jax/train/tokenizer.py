@@ -72,9 +72,7 @@ def train(config, workdir: str) -> dict[str, float]:
     guard = common.PreemptionGuard()
 
     # --------------------------------------------------------------------------------------- mesh
-    mesh = parallel.mesh_from_config(config.mesh)
-    rules = tuple(tuple(r) for r in config.mesh.get("rules", parallel.DEFAULT_RULES))
-    logger.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    mesh, rules = common.mesh_and_rules(config)
 
     # -------------------------------------------------------------------------------------- input
     global_batch = int(tc.global_batch_size)
@@ -142,7 +140,7 @@ def train(config, workdir: str) -> dict[str, float]:
     num_steps = int(tc.num_steps)
     last: dict[str, float] = {}
     preview = None
-    progress = _progress(start, num_steps, process == 0)
+    progress = common.progress_bar(start, num_steps, process == 0)
     timer = time.time()
     bad_images = 0
     try:
@@ -173,11 +171,8 @@ def train(config, workdir: str) -> dict[str, float]:
                     recon = np.asarray(recon_fn(state.variables(), preview))
                     grid = common.image_grid([image_io.model_to_uint8(preview), image_io.model_to_uint8(recon)])
                     writer.image(done, "reconstruction", grid, os.path.join(workdir, "images", f"recon_{done:08d}.png"))
-                stop = guard.requested or ckpt.reached_preemption(done)
-                if done % tc.checkpoint_every == 0 or done == num_steps or stop:
-                    ckpt.save(done, state.variables(), rest_of_state(state), data_iter, meta, force=True)
-                if stop:
-                    logger.warning("stopping at step %d after a termination request; checkpoint saved", done)
+                if common.save_if_due(ckpt, guard, done, num_steps, tc.checkpoint_every, state.variables(),
+                                      rest_of_state(state), data_iter, meta):
                     break
     finally:
         ckpt.close()
@@ -313,12 +308,6 @@ def make_train_step(config, parts: Parts, tx, dtx):
     return train_step
 
 
-def _progress(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
-
-
 def resume(ckpt: checkpoint.TrainCheckpointer, step: int, abstract_state: TrainState, state_sh: TrainState,
            data_iter) -> TrainState:
     """The state at ``step`` from the workdir's checkpoints, on this run's shardings."""
@@ -344,7 +333,7 @@ def initialise(config, init_fn, abstract_state: TrainState, state_sh: TrainState
                 "parts to rebuild in config.init.reinit (e.g. ('^params/pixel_decoder/',))"
             )
         logger.info("initialised from %s; %d entries freshly initialised", source, len(fresh))
-        variables = _merge({"params": state.params, "quantizer": state.quantizer}, restored)
+        variables = common.merge_trees({"params": state.params, "quantizer": state.quantizer}, restored)
         state = state.replace(params=variables["params"], quantizer=variables["quantizer"])
         if config.train.ema_decay > 0:
             state = state.replace(ema_params=variables["params"])
@@ -357,9 +346,3 @@ def initialise(config, init_fn, abstract_state: TrainState, state_sh: TrainState
         state = state.replace(params={**state.params, "semantic_encoder": tower})
     return state
 
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out

@@ -1,0 +1,59 @@
+"""What the t2i trainer and the generator both build from a ``configs/t2i.py`` config.
+
+    tok_config = tokenizer_config(config)                  # the frozen image tokenizer's config
+    text_tokenizer, prompts = text_parts(config)           # tokenizer + PromptEncoder (prefix of P tokens)
+    model = t2i.NextScaleT2I(model_config(config, tok_config, text_tokenizer))
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tokenflow_jax.data import text as text_lib
+from tokenflow_jax.models import t2i
+
+logger = logging.getLogger(__name__)
+
+
+def tokenizer_config(config) -> Any:
+    """The image tokenizer's config: ``config.tokenizer.config`` (FILE:ARG) plus ``config.tokenizer.overrides``,
+    or, when that is empty, the one recorded in ``config.tokenizer.checkpoint``."""
+    from configs import common
+
+    spec = config.tokenizer.get("config", "")
+    overrides = list(config.tokenizer.get("overrides", []))
+    if not spec and config.tokenizer.get("checkpoint"):
+        from tokenflow_jax import checkpoint
+
+        meta = checkpoint.read_meta(config.tokenizer.checkpoint)
+        spec = meta.get("config_spec", "")
+        overrides = list(meta.get("config_overrides", [])) + overrides
+    if not spec:
+        raise ValueError("config.tokenizer.config is empty and config.tokenizer.checkpoint records no config: "
+                         "set --config.tokenizer.config=configs/tokenizer.py:VARIANT")
+    tok = common.load_config(spec)
+    common.apply_overrides(tok, overrides)
+    return tok
+
+
+def text_parts(config) -> tuple[Any, text_lib.PromptEncoder]:
+    """(text tokenizer, PromptEncoder over ``config.model.text_length`` with ``config.text.image_marker``)."""
+    tokenizer = text_lib.load_text_tokenizer(config.text.tokenizer)
+    return tokenizer, text_lib.PromptEncoder(tokenizer, config.model.text_length, config.text.image_marker)
+
+
+def model_config(config, tok_config, text_tokenizer) -> t2i.T2IConfig:
+    """The T2IConfig; ``model.llm.vocab_size = 0`` means: the text tokenizer's ids (+ K codes and [PAD] for
+    the 'extended' head). A non-zero vocabulary must cover the tokenizer's ids (and the codes)."""
+    text_vocab = text_lib.vocab_size(text_tokenizer)
+    k = tok_config.quantizer.codebook_size
+    extra = k + 1 if config.model.head == "extended" else 0
+    vocab = int(config.model.llm.vocab_size)
+    if not vocab:
+        vocab = text_vocab + extra
+    elif vocab < text_vocab + extra:
+        raise ValueError(
+            f"config.model.llm.vocab_size={vocab} is smaller than the text tokenizer's {text_vocab} ids"
+            + (f" + {k} image codes + [PAD] (head='extended')" if extra else "")
+            + f" = {text_vocab + extra}")
+    return t2i.t2i_config(config, tok_config, vocab_size=vocab)
