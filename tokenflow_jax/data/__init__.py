@@ -8,6 +8,9 @@
   decode.py        robust decoding: convert what can be converted, replace/flag and count the rest
   steps.py         the pipeline's picklable grain steps
   pipeline.py      make_dataset(config.data, ...), to_global_batch, image_stats
+  text.py          text tokenizers (builtin:shapes, AutoTokenizer) and the t2i prefix (PromptEncoder)
+  tokenize.py      `tokenflow-jax tokenize`: image tokens + captions into ArrayRecord shards, manifest
+  token_stream.py  the t2i training stream over those shards
 
 Submodules are imported explicitly (``from tokenflow_jax.data import pipeline``) so that reading an image
 does not pull in grain or TFDS.
