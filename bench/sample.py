@@ -4,9 +4,9 @@ Both samplers (``tokenflow_jax.models.t2i_sampler``) run the multi-step CFG loop
 top-k [1200, 100, 1] clipped to K, top-p [0.8, 0.8, 0]) on random weights at the 9-scale 256 px schedule
 (1, 2, 4, 6, 8, 10, 12, 14, 16: 817 tokens, 25 forward passes), batch B prompts (2B rows with the
 unconditional branch). Reported per config: images/s of each, the speed-up, the decoder positions each
-runs per image (``forward_tokens``), XLA's FLOPs of each whole sampler (scans unrolled) and the FLOP rate
-against the f32 matmul rate measured in the same run, and whether the two produced identical codes (the
-head is sharpened x20, see bench_config).
+runs per image (``forward_tokens``), the model FLOPs of each (``decoder_flops``: the matmuls the sampler
+runs) and their rate against the f32 matmul rate measured in the same run (MFU), and whether the two
+produced identical codes (the head is sharpened x20, see bench_config).
 The tokenizer's decode is not included (it is the same for both).
 
 Configs:
@@ -15,6 +15,11 @@ Configs:
               K = 32768, text length 128 (the reference's prefix).
 
     python bench/sample.py [--quick] [--configs tiny,1b-reduced] [--batch 2] [--out FILE]
+
+``--filter-only`` times just the top-k/top-p filter and the draw (``sampling.top_k_top_p_filter``,
+``sampling.sample``) on random guided logits of the last scale (``FILTER_SHAPES``: [B, 256, K]) for the
+schedule's sampled passes, against the generic full-sort path a static top_k took before, and checks
+that both give the same bits.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
                                 qk_norm=True, norm_eps=1e-5, max_positions=2048),
                        codebook_size=32768, text_length=128),
 }
+FILTER_SHAPES = ((1, 256, 32768), (2, 256, 1024))  # [B, tokens of the 16x16 scale, K]
 HEAD_SHARPEN = 20.0
 TARGET_SPEEDUP = 5.0  # issue 5: >= 5x faster than full recompute, identical output
 
@@ -64,6 +70,33 @@ def inputs(config: t2i.T2IConfig, batch: int):
     return jnp.asarray(codebook), text_ids, text_mask, uncond_ids, uncond_mask
 
 
+def decoder_flops(config: t2i.T2IConfig, schedule: sampling.SamplingSchedule, cached: bool) -> float:
+    """Model FLOPs per image (cond + uncond rows): 2 x multiply-adds of every matmul the sampler runs.
+
+    Per forward call over T positions attending S keys: the projections and SwiGLU MLP of every layer
+    (2 T x their weights), attention scores and values (2 x 2 T S H Dh per layer), the projector on image
+    inputs and the code head on the positions that are sampled. XLA's cost analysis is not used for this:
+    it counts a cumulative sum over V (the top-p cut) as V^2 additions, ~1,750 phantom GFLOP per image.
+    """
+    llm = config.llm
+    d, h, kv, dh = llm.width, llm.num_heads, llm.num_kv_heads, llm.head_dim
+    layer = d * h * dh * 2 + 2 * d * kv * dh + 3 * d * llm.mlp_dim
+    head = d * (config.codebook_size if config.head == "separate" else llm.vocab_size)
+    projector = config.code_dim * d + d * d
+    p, offsets, scales = config.text_length, config.token_offsets, config.scales
+
+    def call(tokens: int, keys: int, image_inputs: int, predicted: int) -> float:
+        attention = 2 * 2 * tokens * keys * h * dh
+        return 2 * (llm.depth * (tokens * layer) + image_inputs * projector + predicted * head) + llm.depth * attention
+
+    total = call(p, p, 0, 1)
+    for si in range(1, len(scales)):
+        block, end = scales[si] ** 2, p - 1 + offsets[si + 1]
+        per_pass = call(block, end, block, block) if cached else call(end, end, end - p, block)
+        total += per_pass * len(schedule.passes(si))
+    return 2.0 * total  # the cond and the uncond row
+
+
 def bench_config(name: str, batch: int, repeats: int) -> dict[str, Any]:
     config = build(name)
     k = config.codebook_size
@@ -85,7 +118,7 @@ def bench_config(name: str, batch: int, repeats: int) -> dict[str, Any]:
     outputs = {}
     for label, cached in (("cached", True), ("full", False)):
         sample = t2i_sampler.make_sampler(model, cfg_scale=7.5, schedule=schedule, cached=cached)
-        flops = common.unrolled_flops(sample, *args)
+        flops = batch * decoder_flops(config, schedule, cached)
         compiled, compile_s = common.compile_timed(sample, *args)
         timing = common.time_fn(compiled, *args, warmup=1, repeats=repeats)
         outputs[label] = np.asarray(compiled(*args))
@@ -104,13 +137,43 @@ def bench_config(name: str, batch: int, repeats: int) -> dict[str, Any]:
     return row
 
 
+def bench_filter(shape: tuple[int, ...], top_k: int, top_p: float, repeats: int) -> dict[str, Any]:
+    logits = jnp.asarray(3.0 * np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    key = jax.random.key(0)
+    # The generic path (a stable sort of the whole vocabulary for top-p), which every static top_k took before.
+    full_sort = jax.jit(lambda x: sampling._top_p_mask(sampling._top_k_mask(x, top_k), top_p))
+    fns = {"full_sort": full_sort, "filter": jax.jit(lambda x: sampling.top_k_top_p_filter(x, top_k, top_p)),
+           "sample": jax.jit(lambda x: sampling.sample(key, x, top_k, top_p))}
+    row: dict[str, Any] = {"shape": "x".join(map(str, shape)), "top_k": top_k, "top_p": top_p}
+    for label, fn in fns.items():
+        row[f"{label}_ms"] = common.time_fn(fn, logits, warmup=1, repeats=repeats).median * 1e3
+    row["speedup"] = row["full_sort_ms"] / row["filter_ms"]
+    want, got = np.asarray(full_sort(logits)), np.asarray(fns["filter"](logits))
+    row["identical"] = bool(np.array_equal(want.view(np.uint32), got.view(np.uint32)))
+    return row
+
+
+def filter_only(args) -> None:
+    rows = []
+    for shape in FILTER_SHAPES:
+        for top_k, top_p in zip(sampling.DEFAULT_TOP_K, sampling.DEFAULT_TOP_P):
+            if top_k != 1:  # top_k == 1 is an argmax
+                rows.append(bench_filter(shape, min(top_k, shape[-1]), top_p, 1 if args.quick else args.repeats))
+    common.print_table(rows, ["shape", "top_k", "top_p", "full_sort_ms", "filter_ms", "sample_ms", "speedup",
+                              "identical"], title="top-k/top-p filter and draw, float32")
+    common.write_json("sample_filter", {"machine": common.machine_info(), "rows": rows}, args.out)
+
+
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,1b-reduced", help=f"comma-separated, from {sorted(CONFIGS)}")
     parser.add_argument("--batch", type=int, default=2, help="prompts per call (2x rows with the uncond branch)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--filter-only", action="store_true", help="time only the top-k/top-p filter and the draw")
     args = parser.parse_args()
     common.enable_compile_cache()
+    if args.filter_only:
+        return filter_only(args)
     names = common.config_names(parser, args.configs, CONFIGS)
     repeats = 1 if args.quick else args.repeats
 

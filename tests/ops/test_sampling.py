@@ -264,3 +264,163 @@ def test_schedule_validation(top_k, top_p, match):
 def test_schedule_preset_validation():
     with pytest.raises(ValueError, match="loops must be one of"):
         sampling.SamplingSchedule.preset(4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A static 0 < top_k < V orders only lax.top_k's candidates for top-p; the results must be the bits of
+# the full-sort implementation it replaced, kept here verbatim as the reference.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _reference_top_k_mask(logits, top_k):
+    vocab = logits.shape[-1]
+    if sampling._is_static(top_k):
+        if top_k <= 0 or top_k >= vocab:
+            return logits
+        kth_largest = jax.lax.top_k(logits, int(top_k))[0][..., -1:]
+        return jnp.where(logits < kth_largest, -jnp.inf, logits)
+    top_k = jnp.asarray(top_k, jnp.int32)
+    ascending = jnp.sort(logits, axis=-1)
+    position = jnp.clip(vocab - top_k, 0, vocab - 1)
+    kth_largest = jax.lax.dynamic_index_in_dim(ascending, position, axis=logits.ndim - 1, keepdims=True)
+    enabled = (top_k > 0) & (top_k < vocab)
+    return jnp.where(enabled & (logits < kth_largest), -jnp.inf, logits)
+
+
+def _reference_top_p_mask(logits, top_p):
+    if sampling._is_static(top_p):
+        if top_p <= 0 or top_p >= 1:
+            return logits
+        enabled = True
+    else:
+        top_p = jnp.asarray(top_p, jnp.float32)
+        enabled = (top_p > 0) & (top_p < 1)
+    order = jnp.argsort(logits, axis=-1, stable=True)
+    ascending = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    remove_sorted = cumulative <= 1 - top_p
+    remove_sorted = remove_sorted.at[..., -1].set(False)
+    remove = jnp.put_along_axis(jnp.zeros_like(remove_sorted), order, remove_sorted, axis=-1, inplace=False)
+    return jnp.where(enabled & remove, -jnp.inf, logits)
+
+
+def _reference(logits, top_k, top_p):
+    return _reference_top_p_mask(_reference_top_k_mask(logits, top_k), top_p)
+
+
+_reference_filter = jax.jit(_reference, static_argnums=(1, 2))
+_reference_filter_traced_p = jax.jit(_reference, static_argnums=(1,))
+_filter = jax.jit(sampling.top_k_top_p_filter, static_argnums=(1, 2))
+
+
+def assert_same_bits(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+CANDIDATE_VOCAB = 3000
+
+
+def _candidate_logits(kind: str) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    shape = (2, 5, CANDIDATE_VOCAB)
+    if kind == "normal":
+        return (3.0 * rng.standard_normal(shape)).astype(np.float32)
+    if kind == "ties":  # ~330 copies of each value: the k-th largest's ties overflow the candidates
+        return rng.integers(-4, 5, size=shape).astype(np.float32)
+    if kind == "fine_ties":  # ~40 copies of each value: ties sometimes within the slack, sometimes past it
+        return (rng.integers(-40, 40, size=shape) / 8).astype(np.float32)
+    if kind == "signed_zeros":  # -0 and +0 compare equal (one group for the stable sort, two for top_k)
+        x = rng.integers(-1, 2, size=shape).astype(np.float32)
+        return np.where(rng.random(shape) < 0.5, -x, x).astype(np.float32)
+    assert kind == "special"
+    x = (3.0 * rng.standard_normal(shape)).astype(np.float32)
+    x[0, 0, rng.integers(0, CANDIDATE_VOCAB, 3)] = np.nan  # a NaN survivor: nothing is cut
+    x[0, 1, 17] = -np.nan
+    x[0, 2, 5] = np.inf
+    x[0, 3, :] = -np.inf  # fewer finite logits than top_k: the k-th largest is -inf
+    x[0, 3, rng.integers(0, CANDIDATE_VOCAB, 40)] = rng.standard_normal(40)
+    x[1, 0, rng.integers(0, CANDIDATE_VOCAB, 500)] = -np.inf
+    x[1, 1, :] = 2.5  # one value everywhere
+    return x
+
+
+CANDIDATE_PAIRS = [
+    (1, 0.8), (2, 0.5), (5, 0.8), (7, 0.0), (7, 1.0), (30, 0.95), (100, 0.8), (1200, 0.8), (1200, 0.5),
+    (1200, 1e-9), (1200, 0.999), (CANDIDATE_VOCAB - 1, 0.8), (CANDIDATE_VOCAB - 2, 0.3), (CANDIDATE_VOCAB, 0.8),
+    (CANDIDATE_VOCAB + 5, 0.8), (0, 0.8),
+]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "fine_ties", "signed_zeros", "special"])
+def test_candidate_filter_bits_match_full_sort(kind):
+    logits = _candidate_logits(kind)
+    for top_k, top_p in CANDIDATE_PAIRS:
+        assert_same_bits(_filter(logits, top_k, top_p), _reference_filter(logits, top_k, top_p))
+
+
+def test_candidate_filter_bits_match_full_sort_large_vocab():
+    # The sampler's shapes: K = 32768 with the default schedule's (1200, 0.8) and (100, 0.8).
+    rng = np.random.default_rng(12)
+    logits = (4.0 * rng.standard_normal((2, 4, 32768))).astype(np.float32)
+    logits[1] = np.round(logits[1])  # integer logits: ~1300 ties at the 1200th largest
+    for top_k, top_p in [(1200, 0.8), (100, 0.8), (600, 0.6)]:
+        assert_same_bits(_filter(logits, top_k, top_p), _reference_filter(logits, top_k, top_p))
+
+
+def test_candidate_filter_ties_past_the_candidates():
+    # 5 logits of 1.0 and 300 of 0.0, the rest -inf: top_k = 10 keeps all 305 (ties at the 10th), far
+    # more than the 10 + slack candidates, and top-p 0.5 cuts inside the zeros past the candidates
+    # (ascending cumulative mass 1/(5e + 300) per zero). The stable order drops the lowest ids first.
+    vocab, top_k = 512, 10
+    rng = np.random.default_rng(13)
+    logits = np.full((3, vocab), -np.inf, np.float32)
+    for row in logits:
+        ids = rng.permutation(vocab)
+        row[ids[:5]], row[ids[5:305]] = 1.0, 0.0
+    assert 305 > top_k + sampling._tie_slack(top_k)
+    got = np.asarray(_filter(logits, top_k, 0.5))
+    assert_same_bits(got, _reference_filter(logits, top_k, 0.5))
+    assert_same_filter(got, var_filter_torch(logits, top_k, 0.5))
+    for row, out in zip(logits, got):
+        zeros = np.flatnonzero(row == 0.0)
+        kept = np.isfinite(out[zeros])
+        assert 0 < kept.sum() < len(zeros) - 100
+        assert not kept[: len(zeros) - kept.sum()].any() and kept[len(zeros) - kept.sum() :].all()
+
+
+@pytest.mark.parametrize("kind", ["normal", "fine_ties"])
+def test_candidate_filter_traced_top_p(kind):
+    logits = _candidate_logits(kind)
+    filt = jax.jit(sampling.top_k_top_p_filter, static_argnums=(1,))
+    for top_k, top_p in [(5, 0.75), (100, 0.8), (1200, 0.5), (1200, 0.0), (1200, 1.0), (100, -0.5)]:
+        got = filt(logits, top_k, jnp.float32(top_p))
+        assert_same_bits(got, _reference_filter_traced_p(logits, top_k, jnp.float32(top_p)))
+
+
+@pytest.mark.parametrize("top_k, top_p", [(100, 0.8), (1200, 0.5)])
+def test_candidate_filter_under_vmap(top_k, top_p):
+    # Per-row keys vmap the sampler over prompts: the tie fallback's lax.cond then runs both branches.
+    logits = np.concatenate([_candidate_logits("normal"), _candidate_logits("ties")])
+    got = jax.jit(jax.vmap(lambda x: sampling.top_k_top_p_filter(x, top_k, top_p)))(logits)
+    assert_same_bits(got, _reference_filter(logits, top_k, top_p))
+
+
+@pytest.mark.parametrize("top_k, top_p", [(100, 0.8), (1200, 0.5), (50, 0.0)])
+def test_sample_draws_unchanged(top_k, top_p):
+    # The draw is still jax.random.categorical on the filtered logits: same key, same codes as before.
+    logits = _candidate_logits("normal")
+    for key in jax.random.split(jax.random.key(5), 3):
+        want = jax.random.categorical(key, _reference_filter(logits, top_k, top_p), axis=-1)
+        np.testing.assert_array_equal(jax.jit(sampling.sample, static_argnums=(2, 3))(key, logits, top_k, top_p), want)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA:CPU's compiled HLO")
+@pytest.mark.parametrize("top_p", [0.8, 0.0])
+def test_static_top_k_sorts_no_vocabulary(top_p):
+    # XLA:CPU turns top_k into a full sort when a slice of its values gets folded into the sort's slice
+    # (the k-th largest read); the barrier in sampling._top_k prevents it. No sort of any kind is left.
+    logits = jnp.zeros((2, 8, 4096), jnp.float32)
+    hlo = _filter.lower(logits, 100, top_p).compile().as_text()
+    assert " sort(" not in hlo

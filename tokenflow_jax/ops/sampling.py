@@ -24,9 +24,11 @@ first; torch's default (unstable) sort in the reference leaves that order unspec
 sample.
 
 ``top_k`` / ``top_p`` are meant to be static Python numbers (one pair per pass; the disabled cases
-then cost nothing and ``top_k == 1`` is a plain argmax). Traced scalars work too, at the price of
-one full sort for top-k and both branches always computed; a traced ``top_p`` forms ``1 - top_p`` in
-float32 instead of Python's float64, which can move the boundary by one float32 ulp.
+then cost nothing, ``top_k == 1`` is a plain argmax, and a static ``0 < top_k < V`` spares top-p its
+sort of the vocabulary: only the ``top_k`` candidates are ordered, with bit-identical results, see
+:func:`_top_k_top_p_candidates`). Traced scalars work too, at the price of one full sort for top-k,
+one for top-p and both branches always computed; a traced ``top_p`` forms ``1 - top_p`` in float32
+instead of Python's float64, which can move the boundary by one float32 ulp.
 """
 from __future__ import annotations
 
@@ -109,12 +111,23 @@ def mask_to_range(logits: jax.Array, start: int | jax.Array, stop: int | jax.Arr
     return jnp.where(keep, logits, jnp.asarray(-jnp.inf, logits.dtype))
 
 
+def _top_k(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` behind an optimisation barrier.
+
+    XLA (CPU at least) lowers top-k as a full sort plus a slice and turns that back into a cheap
+    partial-sort kernel only when every use slices from 0; a later ``[..., k - 1]`` read gets folded
+    into the sort's slice and the whole row is sorted (10x slower at V = 32768). The barrier keeps the
+    slices apart.
+    """
+    return jax.lax.optimization_barrier(jax.lax.top_k(logits, k))
+
+
 def _top_k_mask(logits: jax.Array, top_k) -> jax.Array:
     vocab = logits.shape[-1]
     if _is_static(top_k):
         if top_k <= 0 or top_k >= vocab:
             return logits
-        kth_largest = jax.lax.top_k(logits, int(top_k))[0][..., -1:]
+        kth_largest = _top_k(logits, int(top_k))[0][..., -1:]
         return jnp.where(logits < kth_largest, -jnp.inf, logits)
     top_k = jnp.asarray(top_k, jnp.int32)
     ascending = jnp.sort(logits, axis=-1)
@@ -124,21 +137,103 @@ def _top_k_mask(logits: jax.Array, top_k) -> jax.Array:
     return jnp.where(enabled & (logits < kth_largest), -jnp.inf, logits)
 
 
-def _top_p_mask(logits: jax.Array, top_p) -> jax.Array:
+def _top_p_disabled(top_p) -> bool:
+    return _is_static(top_p) and (top_p <= 0 or top_p >= 1)
+
+
+def _top_p_remove_sorted(ascending: jax.Array, top_p) -> tuple[jax.Array, bool | jax.Array]:
+    """VAR's top-p cut on logits sorted ascending over the whole vocabulary: (remove flags, enabled)."""
     if _is_static(top_p):
-        if top_p <= 0 or top_p >= 1:
-            return logits
         enabled = True
     else:
         top_p = jnp.asarray(top_p, jnp.float32)
         enabled = (top_p > 0) & (top_p < 1)
-    order = jnp.argsort(logits, axis=-1, stable=True)
-    ascending = jnp.take_along_axis(logits, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
     remove_sorted = cumulative <= 1 - top_p
-    remove_sorted = remove_sorted.at[..., -1].set(False)  # the largest logit always survives
+    return remove_sorted.at[..., -1].set(False), enabled  # the largest logit always survives
+
+
+def _top_p_mask(logits: jax.Array, top_p) -> jax.Array:
+    """Top-p by one stable sort of the whole vocabulary (any logits, any ``top_p``)."""
+    if _top_p_disabled(top_p):
+        return logits
+    order = jnp.argsort(logits, axis=-1, stable=True)
+    ascending = jnp.take_along_axis(logits, order, axis=-1)
+    remove_sorted, enabled = _top_p_remove_sorted(ascending, top_p)
     remove = jnp.put_along_axis(jnp.zeros_like(remove_sorted), order, remove_sorted, axis=-1, inplace=False)
     return jnp.where(enabled & remove, -jnp.inf, logits)
+
+
+def _tie_slack(top_k: int) -> int:
+    """Candidates :func:`_top_k_top_p_candidates` takes beyond ``top_k``, for ties at the k-th largest logit."""
+    return max(64, top_k // 16)
+
+
+def _top_k_top_p_candidates(logits: jax.Array, top_k: int, top_p) -> jax.Array:
+    """Top-k then top-p for a static ``0 < top_k < V`` without sorting the vocabulary.
+
+    Bit-for-bit ``_top_p_mask(_top_k_mask(logits, top_k), top_p)``. That path sorts the top-k-filtered
+    row stably: the ``V - m`` removed entries (-inf) first, then the ``m >= top_k`` survivors (every
+    logit ``>=`` the k-th largest; ties make ``m > top_k``) by (value, id). The softmax, the cumulative
+    sum and the cut then run on that sorted row. Here:
+
+    * ``lax.top_k`` over ``w = top_k + slack`` logits gives the candidates, descending, equal values
+      in increasing id order (its documented tie rule; zeros are made +0 first, since ``top_k`` orders
+      -0 below +0 while the sort treats them as equal). Every logit above the k-th largest is a
+      candidate, so the sorted row is ``V - m`` times -inf, ``m - a`` times the k-th largest ``kth``
+      (``a`` = the candidates above it), then the candidates above ``kth`` reversed. That row is built
+      elementwise over V and the same softmax / cumsum / cut (:func:`_top_p_remove_sorted`) run on it,
+      so the same ops see the same values (the sign of a zero logit cannot change ``exp(x - max)``);
+      tests/ops/test_sampling.py checks the bits against the full-sort path.
+    * Both orders keep each group of equal values in increasing id order, so a candidate at descending
+      index ``j`` of a group spanning ``[s, e)`` sits at sorted position ``V - e + (j - s)``; for the
+      group of ``kth`` ``e = m``, as the ``top_k`` candidates are its lowest ids. Its cut flag is read
+      there and scattered to its id.
+    * Survivors beyond the candidates (``m > w``: more ties at ``kth`` than the slack) are the rest of
+      ``kth``'s group, at sorted positions ``V - m + (w - a) + rank`` with ``rank`` their order by id;
+      that needs a cumulative count over the vocabulary, done only when some row has them
+      (``lax.cond``; under ``vmap`` both branches run, which stays exact).
+    * A row holding a NaN survivor gets an all-NaN softmax in the sorted path, which removes nothing;
+      such rows are left as top-k filtered.
+    """
+    vocab = logits.shape[-1]
+    axis = logits.ndim - 1
+    width = min(vocab - 1, top_k + _tie_slack(top_k))
+    values, ids = _top_k(jnp.where(logits == 0, 0.0, logits), width)
+    kth_largest = values[..., top_k - 1 : top_k]
+    filtered = jnp.where(logits < kth_largest, -jnp.inf, logits)  # == _top_k_mask(logits, top_k)
+    survivors = jnp.sum(~(logits < kth_largest), axis=-1, keepdims=True)
+    has_nan = jnp.any(jnp.isnan(logits), axis=-1, keepdims=True)
+    above = jnp.sum(values > kth_largest, axis=-1, keepdims=True)
+
+    position = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis)
+    reversed_values = jax.lax.pad(jax.lax.rev(values, (axis,)), jnp.float32(-jnp.inf),
+                                  [(0, 0, 0)] * axis + [(vocab - width, 0, 0)])
+    ascending = jnp.where(position >= vocab - above, reversed_values,
+                          jnp.where(position >= vocab - survivors, kth_largest, -jnp.inf))
+    remove_sorted, enabled = _top_p_remove_sorted(ascending, top_p)
+
+    j = jax.lax.broadcasted_iota(jnp.int32, values.shape, axis)
+    differs = values[..., 1:] != values[..., :-1]
+    edge = jnp.ones(values.shape[:-1] + (1,), bool)
+    start = jax.lax.cummax(jnp.where(jnp.concatenate([edge, differs], -1), j, 0), axis=axis)
+    end = jax.lax.cummin(jnp.where(jnp.concatenate([differs, edge], -1), j + 1, width), axis=axis, reverse=True)
+    end = jnp.where(values == kth_largest, survivors, end)
+    sorted_position = jnp.clip(vocab - end + (j - start), 0, vocab - 1)  # junk for non-survivors, unused
+    candidate_remove = jnp.take_along_axis(remove_sorted, sorted_position, axis=-1)
+    remove = jnp.put_along_axis(jnp.zeros(logits.shape, bool), ids, candidate_remove, axis=-1, inplace=False)
+
+    def remove_beyond_candidates(remove):
+        candidate = jnp.put_along_axis(jnp.zeros(logits.shape, bool), ids, True, axis=-1, inplace=False)
+        beyond = ~(logits < kth_largest) & ~candidate
+        # Exact in any order (integers). Not jnp.cumsum: its V-wide reduce-window is V^2 adds to XLA's
+        # cost analysis of the lowered HLO, which the FLOP figures of bench/sample.py read.
+        rank = jax.lax.associative_scan(jnp.add, beyond.astype(jnp.int32), axis=axis) - 1
+        at = jnp.clip(vocab - survivors + (width - above) + rank, 0, vocab - 1)
+        return remove | (beyond & jnp.take_along_axis(remove_sorted, at, axis=-1))
+
+    remove = jax.lax.cond(jnp.any(survivors > width), remove_beyond_candidates, lambda r: r, remove)
+    return jnp.where(enabled & remove & ~has_nan, -jnp.inf, filtered)
 
 
 def top_k_top_p_filter(logits: jax.Array, top_k: int | jax.Array = 0, top_p: float | jax.Array = 0.0) -> jax.Array:
@@ -149,6 +244,8 @@ def top_k_top_p_filter(logits: jax.Array, top_k: int | jax.Array = 0, top_p: flo
     rules and disabled values.
     """
     logits = jnp.asarray(logits, jnp.float32)
+    if _is_static(top_k) and 0 < top_k < logits.shape[-1] and not _top_p_disabled(top_p):
+        return _top_k_top_p_candidates(logits, int(top_k), top_p)
     return _top_p_mask(_top_k_mask(logits, top_k), top_p)
 
 
