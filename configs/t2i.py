@@ -10,6 +10,12 @@ The 1b and 7b variants use TokenFlow-B at 256 px (9 scales, 817 tokens) and Llam
 
 Options: ``head=separate|extended`` (default: extended for 7b as the reference, separate otherwise).
 
+The frozen image tokenizer: ``tokenizer.config`` (FILE:ARG) + ``tokenizer.overrides`` (list of 'a.b=v'),
+or, when ``tokenizer.config`` is empty, the config recorded in ``tokenizer.checkpoint``. Image tokens come
+from ``data.tokenized`` (shards written by ``tokenflow-jax tokenize`` with that tokenizer) or, when it is
+empty, from encoding ``data``'s images online each step. Captions are dropped to the empty caption with
+probability ``train.cond_drop_rate`` (the unconditional branch of classifier-free guidance).
+
   tokenflow-jax train --config configs/t2i.py:tiny --workdir /tmp/t2i
   ... --config configs/t2i.py:7b --config.model.init=meta-llama/Llama-2-7b-hf
 """
