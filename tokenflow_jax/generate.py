@@ -98,15 +98,17 @@ class Generator:
         self.t2i_config = t2i_run_config(sample_config, checkpoint_dir)
         self.mesh = mesh or parallel.mesh_from_config(sample_config.mesh)
         self.rules = tuple(tuple(r) for r in self.t2i_config.mesh.get("rules", parallel.DEFAULT_RULES))
-        self.tok_config = tok_config = t2i_setup.tokenizer_config(self.t2i_config)
+        tok_config = t2i_setup.tokenizer_config(self.t2i_config)
         self.text_tokenizer, self.encoder = t2i_setup.text_parts(self.t2i_config)
         model_cfg = t2i_setup.model_config(self.t2i_config, tok_config, self.text_tokenizer)
         self.model = t2i.NextScaleT2I(model_cfg)
         self.params = self._restore(checkpoint_dir)
         tok_checkpoint = self.t2i_config.tokenizer.get("checkpoint", "")
-        tok_model, self.tok_vars = inference.load_tokenizer(tok_config, tok_checkpoint or None, mesh=self.mesh)
-        self.codebook = inference.codebook_vectors(tok_model, self.tok_vars)
-        self.decode = inference.decode_indices_fn(tok_model)
+        self.tok_model, self.tok_vars = inference.load_tokenizer(tok_config, tok_checkpoint or None, mesh=self.mesh)
+        self.codebook = inference.codebook_vectors(self.tok_model, self.tok_vars)
+        self.decode = inference.decode_indices_fn(self.tok_model)
+        uncond = self.encoder([sample_config.sample.uncond_prompt])  # the same row for every prompt
+        self.uncond_ids, self.uncond_mask = uncond.ids, uncond.mask
         self.schedule = schedule_from_config(sample_config.sample, model_cfg.codebook_size)
         self.image_size = tok_config.model.image_size
         self._samplers: dict[Any, Any] = {}
@@ -155,8 +157,9 @@ class Generator:
         from tokenflow_jax.data import pipeline
 
         texts = self.encoder(list(prompts))
-        uncond = self.encoder([self.config.sample.uncond_prompt] * len(prompts))
-        host = {"text_ids": texts.ids, "text_mask": texts.mask, "uncond_ids": uncond.ids, "uncond_mask": uncond.mask,
+        rows = len(prompts)
+        host = {"text_ids": texts.ids, "text_mask": texts.mask, "uncond_ids": np.repeat(self.uncond_ids, rows, 0),
+                "uncond_mask": np.repeat(self.uncond_mask, rows, 0),
                 "prompt_index": np.asarray(prompt_index, np.int32), "sample_index": np.asarray(sample_index, np.int32)}
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             batch = pipeline.to_global_batch(host, self.mesh)

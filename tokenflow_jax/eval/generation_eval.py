@@ -50,15 +50,12 @@ def _in_batches(generator, texts: list[str], schedule) -> np.ndarray:
 
 def tokenizer_round_trip(generator, prompts) -> np.ndarray:
     """The prompts' scenes rendered at the tokenizer's size, encoded and decoded: uint8 [N, H, W, 3]."""
-    import jax
-
-    from tokenflow_jax.models import tokenizer as tokenizer_lib
+    from tokenflow_jax import inference
 
     size = generator.image_size
     renders = np.stack([shapes.render(p.scene, size) for p in prompts]).astype(np.float32) / 127.5 - 1.0
-    model = tokenizer_lib.build(generator.tok_config)
-    run = jax.jit(lambda v, x: model.apply(v, x)[1])
-    recon = np.concatenate([np.asarray(run(generator.tok_vars, renders[i : i + 16]))
+    run = inference.encode_decode_fn(generator.tok_model)
+    recon = np.concatenate([np.asarray(run(generator.tok_vars, renders[i : i + 16])[0])
                             for i in range(0, len(renders), 16)])
     return image_io.model_to_uint8(recon)
 

@@ -13,6 +13,7 @@ donated; restarting the same command continues from the newest checkpoint in ``D
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -214,12 +215,16 @@ def caption_inputs(captions, encoder, drop_rate: float, rng: np.random.Generator
     encoded = encoder(["" if d else c for c, d in zip(captions, dropped)])
     counts["dropped_captions"] += int(dropped.sum())
     truncated = int(encoded.truncated.sum())
-    if truncated and not counts.get("_warned"):
-        logger.warning("captions longer than the text prefix (%d tokens) are truncated; counted in metrics as "
-                       "truncated_captions", encoder.length)
-        counts["_warned"] = 1
+    if truncated:
+        _warn_truncation_once(encoder.length)
     counts["truncated_captions"] += truncated
     return {"text_ids": encoded.ids, "text_mask": encoded.mask}
+
+
+@functools.cache
+def _warn_truncation_once(length: int) -> None:
+    logger.warning("captions longer than the text prefix (%d tokens) are truncated; counted in metrics as "
+                   "truncated_captions", length)
 
 
 def make_train_step(config, model: t2i.NextScaleT2I, tx):
