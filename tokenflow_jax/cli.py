@@ -7,6 +7,9 @@
     tokenflow-jax train --config configs/t2i.py:tiny --workdir DIR [--config.data.tokenized=TOKENS_DIR]
     tokenflow-jax generate --config configs/sample.py:tiny --checkpoint DIR --prompts FILE --out DIR
     tokenflow-jax eval-shapes --config configs/sample.py:tiny --checkpoint DIR [--loops 1,3]
+    tokenflow-jax train --config configs/vlm.py:tiny --workdir DIR
+    tokenflow-jax chat --checkpoint DIR/checkpoints --image X.png --prompt "How many circles are there?"
+    tokenflow-jax eval-vqa --checkpoint DIR/checkpoints [--data builtin | questions.jsonl]
     tokenflow-jax convert --from official --checkpoint FILE.pt --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax convert --from hf --model ID_OR_PATH --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax export --checkpoint DIR --out tokenflow.pt
@@ -59,7 +62,8 @@ def cmd_reconstruct(args, overrides) -> int:
     return reconstruct.run(config, args.images, args.out, args.checkpoint, batch_size=args.batch_size)
 
 
-TRAINERS = {"tokenizer": "tokenflow_jax.train.tokenizer", "t2i": "tokenflow_jax.train.t2i"}
+TRAINERS = {"tokenizer": "tokenflow_jax.train.tokenizer", "t2i": "tokenflow_jax.train.t2i",
+            "vlm": "tokenflow_jax.train.vlm"}
 
 
 def cmd_train(args, overrides) -> int:
@@ -105,6 +109,20 @@ def cmd_eval_shapes(args, overrides) -> int:
     except ValueError:
         raise ValueError(f"--loops must be a comma-separated list of 1, 2, 3, got {args.loops!r}") from None
     return generation_eval.run(config, args.checkpoint, args.num_per_category, loops, args.out)
+
+
+def cmd_chat(args, overrides) -> int:
+    from tokenflow_jax import vlm_infer
+
+    config = _load_config(args.config, overrides, args.checkpoint)
+    return vlm_infer.chat(config, args.checkpoint, args.image, args.prompt)
+
+
+def cmd_eval_vqa(args, overrides) -> int:
+    from tokenflow_jax.eval import vqa_eval
+
+    config = _load_config(args.config, overrides, args.checkpoint)
+    return vqa_eval.run(config, args.checkpoint, args.data, args.out, args.num_per_category)
 
 
 def cmd_convert(args, overrides) -> int:
@@ -184,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loops", default="1,3", help="sampling strategies to compare: passes per scale (1, 2, 3)")
     p.add_argument("--out", help="JSON output (default CHECKPOINT/shapes_eval.json)")
     p.set_defaults(fn=cmd_eval_shapes)
+
+    p = sub.add_parser("chat", help="answer a question about an image with a VLM checkpoint, streaming the reply")
+    p.add_argument("--config", help="vlm config FILE:ARG (default: the checkpoint's)")
+    p.add_argument("--checkpoint", required=True, help="VLM training run's checkpoints directory")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="the question")
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("eval-vqa", help="exact-match accuracy of a VLM checkpoint (Shapes-VQA or a question file)")
+    p.add_argument("--config", help="vlm config FILE:ARG (default: the checkpoint's)")
+    p.add_argument("--checkpoint", required=True, help="VLM training run's checkpoints directory")
+    p.add_argument("--data", default="builtin", help="'builtin' (held-out Shapes-VQA) or a questions .jsonl file")
+    p.add_argument("--num-per-category", type=int, default=50, help="builtin questions per category")
+    p.add_argument("--out", help="JSON output (default CHECKPOINT/vqa_eval.json)")
+    p.set_defaults(fn=cmd_eval_vqa)
 
     p = sub.add_parser("convert", help="import official TokenFlow .pt or HF CLIP/SigLIP weights into a checkpoint")
     p.add_argument("--from", dest="source", choices=("official", "hf"), required=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from tokenflow_jax.train import llm_init
 from tokenflow_jax.train import t2i as t2i_trainer
 
 # A smaller decoder than configs/t2i.py:tiny keeps every compile short; the pipeline is the real one.
@@ -117,7 +118,7 @@ def _init_params(config):
     params = nn.unbox(t2i.NextScaleT2I(model_cfg).init(
         jax.random.key(0), jnp.zeros((1, p), jnp.int32), jnp.ones((1, p), jnp.int32), jnp.zeros((1, n, 40))))["params"]
     mesh = parallel.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
-    return t2i_trainer.init_from_hf(config, model_cfg, params, mesh, parallel.DEFAULT_RULES)
+    return llm_init.init_from_hf(config, model_cfg.llm, params, mesh, parallel.DEFAULT_RULES)
 
 
 def test_tokenized_shards_feed_training_and_a_mismatch_is_refused(tmp_path):

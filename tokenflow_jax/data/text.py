@@ -60,7 +60,15 @@ def build_shapes_tokenizer():
     return tokenizer
 
 
-BUILTIN_TOKENIZERS = {"shapes": build_shapes_tokenizer}
+def _build_shapes_chat_tokenizer():
+    """``builtin:shapes_chat``: the Shapes-VQA chat tokenizer (``data/shapes_vqa.py``; imported lazily, it
+    imports this module)."""
+    from tokenflow_jax.data import shapes_vqa
+
+    return shapes_vqa.build_chat_tokenizer()
+
+
+BUILTIN_TOKENIZERS = {"shapes": build_shapes_tokenizer, "shapes_chat": _build_shapes_chat_tokenizer}
 
 
 def load_text_tokenizer(spec: str):

@@ -29,7 +29,6 @@ before a softmax), while the training loss normalises over the whole vocabulary,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,6 +37,7 @@ import numpy as np
 
 from tokenflow_jax.models import transformer
 from tokenflow_jax.models.llm_layers import Linear
+from tokenflow_jax.models.projector import Projector
 from tokenflow_jax.ops import resize
 
 HEADS = ("separate", "extended")
@@ -162,21 +162,6 @@ def running_map_inputs(codes: jax.Array, scales: tuple[int, ...]) -> jax.Array:
 def trunc_normal_var_init(width: int) -> nn.initializers.Initializer:
     """VAR's level/position init: trunc_normal_(std=sqrt(1 / D / 3)); the +-2 absolute cut never binds."""
     return nn.initializers.normal(float(np.sqrt(1.0 / width / 3.0)))
-
-
-class Projector(nn.Module):
-    """LLaVA's ``mlp2x_gelu``: Linear(C -> D), exact GELU, Linear(D -> D)."""
-
-    width: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = Linear((self.width,), (None, "embed"), name="fc1", **kw)(x)
-        h = nn.gelu(h, approximate=False)
-        return Linear((self.width,), ("mlp", "embed"), name="fc2", **kw)(h)
 
 
 class NextScaleT2I(nn.Module):

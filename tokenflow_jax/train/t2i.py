@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tokenflow_jax import checkpoint, inference, parallel, prng, t2i_setup
 from tokenflow_jax.models import t2i
-from tokenflow_jax.train import common, optim
+from tokenflow_jax.train import common, llm_init, optim
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def train(config, workdir: str) -> dict[str, float]:
     else:
         state = jax.jit(init_state, out_shardings=state_sh)(prng.make_key(config.seed))
         if config.model.get("init"):
-            state = state.replace(params=init_from_hf(config, model_cfg, state.params, mesh, rules))
+            state = state.replace(params=llm_init.init_from_hf(config, model_cfg.llm, state.params, mesh, rules))
         start = 0
     writer.drop_after(start)
 
@@ -260,37 +260,3 @@ def make_train_step(config, model: t2i.NextScaleT2I, tx):
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
-
-
-ARCHITECTURE_FIELDS = ("width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "rope_theta",
-                       "norm_eps", "qkv_bias", "o_bias", "tie_embeddings")
-
-
-def init_from_hf(config, model_cfg: t2i.T2IConfig, params: Any, mesh, rules) -> Any:
-    """Replaces the decoder's parameters by an HF Llama / Qwen2 checkpoint's (``config.model.init``), the
-    vocabulary extended to ``model.llm.vocab_size`` (new rows: the mean of the old, LLaVA's resize). QK-norm
-    scales, which plain Llama lacks, keep their fresh init (ones), as the reference adds them."""
-    import dataclasses
-
-    from tokenflow_jax.convert import llm as convert_llm
-    from tokenflow_jax.convert import sources
-
-    source = config.model.init
-    ours = model_cfg.llm
-    theirs = convert_llm.config_from_hf(sources.read_config(sources.resolve_model_dir(source)))
-    diffs = [f"model.llm.{f}: config {getattr(ours, f)!r}, checkpoint {getattr(theirs, f)!r}"
-             for f in ARCHITECTURE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
-    if diffs:
-        raise ValueError(f"config.model.init={source!r} does not have the configured decoder shape:\n  "
-                         + "\n  ".join(diffs))
-    if theirs.qk_norm and not ours.qk_norm:
-        raise ValueError(f"config.model.init={source!r} has QK-norm weights; set config.model.llm.qk_norm=True")
-    fields = {f.name: getattr(ours, f.name) for f in dataclasses.fields(ours)}
-    fields["qk_norm"] = theirs.qk_norm
-    fields.pop("vocab_size")
-    _, loaded = convert_llm.load(source, mesh=mesh, rules=rules, vocab_size=ours.vocab_size, **fields)
-    merged = dict(params)
-    merged["llm"] = common.merge_trees(params["llm"], loaded)
-    logger.info("initialised the decoder from %s", source)
-    return merged
-
