@@ -97,3 +97,27 @@ def test_sample_configs_take_the_t2i_variants_sampling_defaults():
         assert config.sample.cfg_scale == cfg_scale and tuple(config.sample.top_k) == top_k
     assert common.load_config("configs/sample.py:7b").sample.uncond_prompt.startswith("lowres, bad anatomy")
     assert common.load_config("configs/sample.py:tiny,loops=1").sample.loops == 1
+
+
+def test_vlm_variants_have_the_reference_shapes_and_stages():
+    from tokenflow_jax.models import transformer, vlm
+
+    qwen = common.load_config("configs/vlm.py:qwen14b")
+    llm = transformer.TransformerConfig(**qwen.model.llm.to_dict())
+    # Qwen2.5-14B (SPEC 4.3): 5120 wide, 48 layers, 40 heads / 8 KV heads, MLP 13824, theta 1e6, q/k/v biases.
+    assert (llm.width, llm.depth, llm.num_heads, llm.num_kv_heads, llm.mlp_dim) == (5120, 48, 40, 8, 13824)
+    assert llm.rope_theta == 1e6 and llm.qkv_bias and abs(llm.num_params() - 14.8e9) < 0.3e9
+    # TokenFlow-XL features: the 27x27 final grid of 40-d codes (729 tokens), as the released model.
+    assert vlm.feature_shape(common.load_config(qwen.tokenizer.config), "final") == (729, 40)
+    assert qwen.stage == 2 and qwen.text.template == "qwen_2_5" and qwen.optim.lr == 2e-5
+    assert qwen.data.aspect == "pad" and tuple(qwen.train.trainable) == () and qwen.train.global_batch_size == 128
+    s1 = common.load_config("configs/vlm.py:qwen14b,stage=1")
+    assert s1.optim.lr == 1e-3 and tuple(s1.train.trainable) == ("^projector/",) and s1.text.template == "plain"
+    assert s1.optim.schedule == "cosine" and s1.optim.warmup_steps == 300 and s1.train.global_batch_size == 256
+    vicuna = common.load_config("configs/vlm.py:vicuna13b")
+    assert (vicuna.model.llm.width, vicuna.model.llm.depth, vicuna.model.llm.vocab_size) == (5120, 40, 32000)
+    assert vicuna.text.template == "vicuna_v1"
+    tiny = common.load_config("configs/vlm.py:tiny")
+    assert tiny.stage == 0 and tiny.model.init == "" and tiny.data.source == "shapes_vqa"
+    with pytest.raises(ValueError, match="stage must be 0, 1 or 2"):
+        common.load_config("configs/vlm.py:tiny,stage=3")
