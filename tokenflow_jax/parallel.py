@@ -82,7 +82,8 @@ def make_mesh(
         # create_device_mesh only knows physical topologies (TPU slices, whole GPU hosts); a device subset
         # (config.mesh.num_devices) or fake CPU devices get the devices in order, which is what they mean.
         if devices and devices[0].platform == "tpu":
-            logger.warning("mesh %s: no topology-aware device order (%s); devices taken in id order", shape, e)
+            logger.warning("mesh %s: no topology-aware device order (%s); devices taken in id order", shape,
+                           str(e)[:300])  # the message lists every device
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
 

@@ -1,6 +1,7 @@
 """What every trainer's loop shares: preemption handling, metric logging, image grids, state shardings."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -45,15 +46,35 @@ class PreemptionGuard:
             signal.signal(sig, handler)
 
 
+def local_logdir(workdir: str) -> str:
+    """Where metrics, TensorBoard events and images go: ``workdir`` itself, or for a remote one (``gs://b/run``,
+    whose checkpoints orbax writes there) ``$TOKENFLOW_LOGDIR/b/run`` (default ``~/tokenflow_logs``) on
+    process 0's disk: JSON lines and event files are appended to, which object stores do not support."""
+    if "://" not in workdir:
+        return workdir
+    root = os.environ.get("TOKENFLOW_LOGDIR") or os.path.expanduser("~/tokenflow_logs")
+    return os.path.join(root, workdir.split("://", 1)[1])
+
+
+def make_workdir(workdir: str) -> None:
+    """Creates a local workdir (a remote one needs nothing: orbax creates its checkpoint folders)."""
+    if "://" not in workdir:
+        os.makedirs(workdir, exist_ok=True)
+
+
 class MetricsWriter:
-    """JSON lines + TensorBoard scalars/images, written by process 0 only."""
+    """JSON lines + TensorBoard scalars/images, written by process 0 only (see :func:`local_logdir`)."""
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
+        self.workdir, self.logdir = workdir, local_logdir(workdir)
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self._tb = EventWriter(os.path.join(workdir, "tensorboard"))
+            if self.logdir != workdir:
+                logger.warning("workdir %s is remote: checkpoints go there, metrics, TensorBoard events and images "
+                               "to %s on this host (set TOKENFLOW_LOGDIR to change)", workdir, self.logdir)
+            os.makedirs(self.logdir, exist_ok=True)
+            self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a")
+            self._tb = EventWriter(os.path.join(self.logdir, "tensorboard"))
 
     def drop_after(self, step: int) -> None:
         """Removes JSON lines of steps after ``step``: a run resumed from the checkpoint at ``step`` (or
@@ -87,6 +108,8 @@ class MetricsWriter:
         self._tb.image(step, tag, buffer.getvalue(), array.shape[0], array.shape[1])
         self._tb.flush()
         if path:
+            if self.logdir != self.workdir and path.startswith(self.workdir):
+                path = self.logdir + path[len(self.workdir):]
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(buffer.getvalue())
@@ -193,3 +216,55 @@ def merge_trees(base: dict, update: dict) -> dict:
     for k, v in update.items():
         out[k] = merge_trees(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One jitted program on abstract inputs, for ``tokenflow-jax compile`` (see tokenflow_jax/compile.py).
+
+    A recipe module exposes ``aot_programs(config, mesh, rules) -> list[Program]``: its real train step (or
+    sampler) with ``jax.ShapeDtypeStruct`` arguments that carry the run's shardings, built without data,
+    weights or any array on the mesh's devices.
+    """
+    name: str  # e.g. 'train_step', 'sample'
+    fn: Any  # the jax.jit-wrapped function, with the run's in/out shardings and donation
+    args: tuple  # abstract arguments (ShapeDtypeStructs with shardings)
+    state_index: int | None = None  # which argument is the train state (its bytes are reported), if any
+    rules: tuple | None = None  # logical-axis rules to trace under (default: the config's config.mesh.rules)
+
+
+def abstract_batch(mesh: Mesh, shape: tuple[int, ...], dtype,
+                   field: str = "config.train.global_batch_size") -> jax.ShapeDtypeStruct:
+    """A global batch-leading input as ``pipeline.to_global_batch`` shards it (batch over the data axes).
+
+    Raises ValueError naming ``field`` when the batch does not divide over those axes, as the run would.
+    """
+    from tokenflow_jax import parallel
+
+    sharding = parallel.data_sharding(mesh, len(shape))
+    axes = sharding.spec[0] or ()
+    ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    if shape[0] % ways:
+        raise ValueError(f"{field}={shape[0]} does not divide over the {ways} data-parallel devices of mesh "
+                         f"{dict(mesh.shape)} (batch axes {axes}); change {field} or config.mesh.shape")
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def restorable_data_iterator(ckpt, step: int, data_iter):
+    """``data_iter`` when the checkpoint at ``step`` holds this process's iterator position, else None.
+
+    The data item is one file per process and process count (grain's ``process_{i}-of-{n}.json``): a run
+    resumed with another number of processes restores the model and optimizer exactly, but each process's
+    data stream (its own shard and shuffle) starts over, with a warning.
+    """
+    from etils import epath
+
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    data_dir = epath.Path(str(ckpt.directory)) / str(step) / checkpoint.DATA
+    if not data_dir.exists() or (data_dir / name).exists():
+        return data_iter
+    written = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("process_"))
+    logger.warning("checkpoint step %d was written by another number of processes (data positions %s, this run "
+                   "needs %s): model and optimizer state are restored, each process's data stream starts over",
+                   step, written, name)
+    return None

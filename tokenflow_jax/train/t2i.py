@@ -13,6 +13,7 @@ donated; restarting the same command continues from the newest checkpoint in ``D
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -49,7 +50,7 @@ def train(config, workdir: str) -> dict[str, float]:
     if not 0.0 <= float(tc.cond_drop_rate) < 1.0:
         raise ValueError(f"config.train.cond_drop_rate must be in [0, 1), got {tc.cond_drop_rate}")
     process, process_count = jax.process_index(), jax.process_count()
-    os.makedirs(workdir, exist_ok=True)
+    common.make_workdir(workdir)
     writer = common.MetricsWriter(workdir, enabled=process == 0)
     guard = common.PreemptionGuard()
 
@@ -90,24 +91,10 @@ def train(config, workdir: str) -> dict[str, float]:
     # ------------------------------------------------------------------------------------- model
     model = t2i.NextScaleT2I(model_cfg)
     p, n = model_cfg.text_length, model_cfg.num_tokens
-    dummy = (jnp.zeros((1, p), jnp.int32), jnp.ones((1, p), jnp.int32), jnp.zeros((1, n, model_cfg.code_dim)))
 
     # --------------------------------------------------------------------- state and its shardings
-    def init_state(key) -> TrainState:
-        params = nn.unbox(model.init(key, *dummy))["params"]
-        tx, _ = optim.make_optimizer(config.optim, params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(model.init, prng.make_key(0), *dummy)
-        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
-        abstract_state = jax.eval_shape(init_state, prng.make_key(0))
-        tx, labels = optim.make_optimizer(config.optim, abstract_state.params)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        state_sh = TrainState(step=replicated, params=param_sh,
-                              opt_state=common.optimizer_state_shardings(abstract_state.opt_state, param_sh, mesh))
-        parallel.check_replication(abstract_state.params, param_sh, mesh,
-                                   config.mesh.get("max_replicated_fraction", 0.05))
+    step = build_step(config, model, mesh, rules)
+    abstract_state, state_sh, param_sh, labels = step.abstract_state, step.state_sh, step.param_sh, step.labels
     _, total = optim.count_trainable(abstract_state.params, labels)
     logger.info("t2i model: %.2fM parameters (decoder %.2fM), %d image tokens over %d scales, text prefix %d, "
                 "vocabulary %d, head %s", total / 1e6, model_cfg.llm.num_params() / 1e6, n, len(model_cfg.scales),
@@ -119,19 +106,18 @@ def train(config, workdir: str) -> dict[str, float]:
     if start is not None:
         variables, rest = ckpt.restore(start, {"params": common.with_shardings(abstract_state.params, param_sh)},
                                        common.with_shardings(rest_of_state(abstract_state), rest_of_state(state_sh)),
-                                       data_iter)
+                                       common.restorable_data_iterator(ckpt, start, data_iter))
         state = TrainState(step=rest["step"], params=variables["params"], opt_state=rest["opt_state"])
         logger.info("resumed from %s at step %d", ckpt.directory, start)
     else:
-        state = jax.jit(init_state, out_shardings=state_sh)(prng.make_key(config.seed))
+        state = jax.jit(step.init_state, out_shardings=state_sh)(prng.make_key(config.seed))
         if config.model.get("init"):
             state = state.replace(params=llm_init.init_from_hf(config, model_cfg.llm, state.params, mesh, rules))
         start = 0
     writer.drop_after(start)
 
     # ------------------------------------------------------------------------------- update step
-    step_fn = jax.jit(make_train_step(config, model, tx), in_shardings=(state_sh, replicated, None),
-                      out_shardings=(state_sh, None), donate_argnums=0)
+    step_fn = step.step_fn
 
     # -------------------------------------------------------------------------------------- loop
     scale_names = [f"scale_{s}" for s in model_cfg.scales]
@@ -176,6 +162,72 @@ def train(config, workdir: str) -> dict[str, float]:
         progress.close()
         guard.restore()
     return last
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A t2i run's abstract state on a mesh, its shardings and the jitted update step."""
+    abstract_state: TrainState
+    state_sh: TrainState
+    param_sh: Any
+    labels: Any
+    init_state: Any  # key -> TrainState (not jitted)
+    step_fn: Any  # jitted (state, codebook, batch) -> (state, metrics), state donated
+
+
+def build_step(config, model: t2i.NextScaleT2I, mesh, rules) -> Step:
+    """Shardings from ``jax.eval_shape`` of the init and the jitted update step. Creates no array on ``mesh``'s
+    devices, so it also serves ahead-of-time compiles for TPU topologies."""
+    cfg = model.config
+    p, n = cfg.text_length, cfg.num_tokens
+    shapes = (((1, p), jnp.int32), ((1, p), jnp.int32), ((1, n, cfg.code_dim), jnp.float32))
+
+    def init_state(key) -> TrainState:
+        dummy = (jnp.zeros(*shapes[0]), jnp.ones(*shapes[1]), jnp.zeros(*shapes[2]))
+        params = nn.unbox(model.init(key, *dummy))["params"]
+        tx, _ = optim.make_optimizer(config.optim, params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in shapes))
+        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
+        abstract_state = jax.eval_shape(init_state, key)
+        tx, labels = optim.make_optimizer(config.optim, abstract_state.params)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state_sh = TrainState(step=replicated, params=param_sh,
+                              opt_state=common.optimizer_state_shardings(abstract_state.opt_state, param_sh, mesh))
+        parallel.check_replication(abstract_state.params, param_sh, mesh,
+                                   config.mesh.get("max_replicated_fraction", 0.05))
+    step_fn = jax.jit(make_train_step(config, model, tx), in_shardings=(state_sh, replicated, None),
+                      out_shardings=(state_sh, None), donate_argnums=0)
+    return Step(abstract_state, state_sh, param_sh, labels, init_state, step_fn)
+
+
+def compile_model_config(config) -> t2i.T2IConfig:
+    """The T2IConfig without downloading anything when ``model.llm.vocab_size`` is set (1b, 7b): the text
+    tokenizer is only read to size the vocabulary (tiny's built-in one is offline anyway)."""
+    tok_config = t2i_setup.tokenizer_config(config)
+    if int(config.model.llm.vocab_size):
+        return t2i.t2i_config(config, tok_config)
+    text_tokenizer, _ = t2i_setup.text_parts(config)
+    return t2i_setup.model_config(config, tok_config, text_tokenizer)
+
+
+def aot_programs(config, mesh, rules) -> list[common.Program]:
+    """The train step on abstract inputs (``tokenflow-jax compile``): state, codebook, one global batch of
+    tokenized data (text ids and mask [B, P], image-token indices [B, N])."""
+    model_cfg = compile_model_config(config)
+    model = t2i.NextScaleT2I(model_cfg)
+    step = build_step(config, model, mesh, rules)
+    g, p, n = int(config.train.global_batch_size), model_cfg.text_length, model_cfg.num_tokens
+    codebook = jax.ShapeDtypeStruct((model_cfg.codebook_size, model_cfg.code_dim), jnp.float32,
+                                    sharding=NamedSharding(mesh, PartitionSpec()))
+    batch = {"text_ids": common.abstract_batch(mesh, (g, p), jnp.int32),
+             "text_mask": common.abstract_batch(mesh, (g, p), jnp.int32),
+             "indices": common.abstract_batch(mesh, (g, n), jnp.int32)}
+    args = (common.with_shardings(step.abstract_state, step.state_sh), codebook, batch)
+    return [common.Program("train_step", step.step_fn, args, state_index=0)]
 
 
 def rest_of_state(state: TrainState) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def train(config, workdir: str) -> dict[str, float]:
         raise ValueError("stage 2 (decoder fine-tune) starts from a trained tokenizer: set "
                          "--config.init.checkpoint=DIR (a tokenizer checkpoint or a converted official one)")
     process = jax.process_index()
-    os.makedirs(workdir, exist_ok=True)
+    common.make_workdir(workdir)
     writer = common.MetricsWriter(workdir, enabled=process == 0)
     guard = common.PreemptionGuard()
 
@@ -82,45 +82,23 @@ def train(config, workdir: str) -> dict[str, float]:
 
     # ------------------------------------------------------------------------------------- models
     parts = build_parts(config)
-    model, size = parts.model, parts.model.config.image_size
+    model = parts.model
     frozen = load_frozen_params(config, parts)
 
     # --------------------------------------------------------------------- state and its shardings
-    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-    init_state = make_init_state(config, parts)
-    disc = parts.disc
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed_model = jax.eval_shape(model.init, prng.make_key(0), dummy)
-        boxed_disc = jax.eval_shape(functools.partial(disc.init, train=False), prng.make_key(0), dummy)
-        model_sh = parallel.shardings_from_abstract(boxed_model, mesh, rules)
-        disc_sh = parallel.shardings_from_abstract(boxed_disc, mesh, rules)
-        abstract_state = jax.eval_shape(init_state, prng.make_key(0))
-        tx, labels = optim.make_optimizer(config.optim, abstract_state.params, tc.trainable, tc.frozen)
-        dtx, _ = optim.make_optimizer(config.disc_optim, abstract_state.disc_params)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        state_sh = TrainState(
-            step=replicated, params=model_sh["params"], quantizer=model_sh.get("quantizer", {}),
-            opt_state=common.optimizer_state_shardings(abstract_state.opt_state, model_sh["params"], mesh),
-            disc_params=disc_sh["params"], disc_stats=disc_sh["batch_stats"],
-            disc_opt_state=common.optimizer_state_shardings(abstract_state.disc_opt_state,
-                                                            disc_sh["params"], mesh),
-            ema_params=model_sh["params"] if tc.ema_decay > 0 else {},
-        )
-        parallel.check_replication(abstract_state.params, state_sh.params, mesh,
-                                   config.mesh.get("max_replicated_fraction", 0.05))
-        frozen_sh = jax.tree.map(lambda _: replicated, frozen)
-    trained, total = optim.count_trainable(abstract_state.params, labels)
+    step = build_step(config, parts, mesh, rules, frozen)
+    abstract_state, state_sh, frozen_sh = step.abstract_state, step.state_sh, step.frozen_sh
+    trained, total = optim.count_trainable(abstract_state.params, step.labels)
     logger.info("tokenizer: %.2fM parameters, %.2fM trained; discriminator %.2fM", total / 1e6, trained / 1e6,
                 sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.disc_params)) / 1e6)
     frozen = jax.device_put(frozen, frozen_sh)
 
     # ------------------------------------------------------------------------ initialise or resume
     ckpt = checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, use_async=tc.async_checkpoints)
-    init_fn = jax.jit(init_state, out_shardings=state_sh)
+    init_fn = jax.jit(step.init_state, out_shardings=state_sh)
     start = ckpt.latest_step()
     if start is not None:
-        state = resume(ckpt, start, abstract_state, state_sh, data_iter)
+        state = resume(ckpt, start, abstract_state, state_sh, common.restorable_data_iterator(ckpt, start, data_iter))
         logger.info("resumed from %s at step %d", ckpt.directory, start)
     else:
         state = initialise(config, init_fn, abstract_state, state_sh, model)
@@ -128,10 +106,9 @@ def train(config, workdir: str) -> dict[str, float]:
     writer.drop_after(start)
 
     # ------------------------------------------------------------------------------- update step
-    train_step = make_train_step(config, parts, tx, dtx)
-    step_fn = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None),
-                      donate_argnums=0)
+    step_fn = step.step_fn
     recon_fn = jax.jit(lambda v, x: model.apply(v, x)[1])
+    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))  # readable on every host
 
     # -------------------------------------------------------------------------------------- loop
     scale_names = [f"scale_{s}" for s in config.quantizer.scales]
@@ -151,8 +128,8 @@ def train(config, workdir: str) -> dict[str, float]:
                 # run concurrently with the gradient all-reduces, which XLA:CPU's fake devices can deadlock on.
                 bad_images += int(np.sum(local["bad_images"]))
                 batch = pipeline.to_global_batch(local, mesh, keys=("image",))
-                if preview is None:
-                    preview = np.asarray(local["image"][: tc.preview_images])
+                if preview is None:  # the global batch's first rows, on every process (multi-host safe)
+                    preview = replicate(batch["image"][: tc.preview_images])
                 state, metrics = step_fn(state, frozen, batch)
                 done = step + 1
                 if done % tc.log_every == 0 or done == num_steps:
@@ -168,8 +145,9 @@ def train(config, workdir: str) -> dict[str, float]:
                                          img_s=f"{last['images_per_second']:.1f}")
                 progress.update(1)
                 if tc.image_every and (done % tc.image_every == 0 or done == num_steps):
-                    recon = np.asarray(recon_fn(state.variables(), preview))
-                    grid = common.image_grid([image_io.model_to_uint8(preview), image_io.model_to_uint8(recon)])
+                    recon = np.asarray(replicate(recon_fn(state.variables(), preview)))
+                    grid = common.image_grid([image_io.model_to_uint8(np.asarray(preview)),
+                                              image_io.model_to_uint8(recon)])
                     writer.image(done, "reconstruction", grid, os.path.join(workdir, "images", f"recon_{done:08d}.png"))
                 if common.save_if_due(ckpt, guard, done, num_steps, tc.checkpoint_every, state.variables(),
                                       rest_of_state(state), data_iter, meta):
@@ -211,6 +189,99 @@ def load_frozen_params(config, parts: Parts) -> dict[str, Any]:
 
     return {"teacher": teacher_lib.load_teacher_params(config, parts.teacher_config),
             "lpips": load_lpips_vgg16_params()}
+
+
+def abstract_frozen_params(parts: Parts) -> dict[str, Any]:
+    """The shapes of :func:`load_frozen_params`' tree without reading any weights (for AOT compiles)."""
+    size = parts.model.config.image_size
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    key = prng.make_key(0)
+    teacher = jax.eval_shape(parts.teacher.init, key, image)["params"]
+    lpips = jax.eval_shape(parts.lpips.init, key, image, image)["params"]
+    return parallel.unbox_without_constraints({"teacher": teacher, "lpips": lpips})
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A tokenizer run's abstract state on a mesh, its shardings and the jitted update step."""
+    abstract_state: TrainState
+    state_sh: TrainState
+    frozen_sh: Any  # replicated, like the frozen teacher and LPIPS weights
+    labels: Any  # 'train' / 'freeze' per generator parameter
+    init_state: Any  # key -> TrainState (not jitted)
+    step_fn: Any  # jitted (state, frozen, batch) -> (state, metrics), state donated
+
+
+def build_step(config, parts: Parts, mesh, rules, frozen: Any) -> Step:
+    """Shardings from ``jax.eval_shape`` of the init and the jitted update step; ``frozen`` may be abstract.
+
+    Creates no array on ``mesh``'s devices, so it also serves ahead-of-time compiles for TPU topologies.
+    """
+    tc = config.train
+    size = parts.model.config.image_size
+    dummy = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
+    init_state = make_init_state(config, parts)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed_model = jax.eval_shape(parts.model.init, key, dummy)
+        boxed_disc = jax.eval_shape(functools.partial(parts.disc.init, train=False), key, dummy)
+        model_sh = parallel.shardings_from_abstract(boxed_model, mesh, rules)
+        disc_sh = parallel.shardings_from_abstract(boxed_disc, mesh, rules)
+        abstract_state = jax.eval_shape(init_state, key)
+        tx, labels = optim.make_optimizer(config.optim, abstract_state.params, tc.trainable, tc.frozen)
+        dtx, _ = optim.make_optimizer(config.disc_optim, abstract_state.disc_params)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state_sh = TrainState(
+            step=replicated, params=model_sh["params"], quantizer=model_sh.get("quantizer", {}),
+            opt_state=common.optimizer_state_shardings(abstract_state.opt_state, model_sh["params"], mesh),
+            disc_params=disc_sh["params"], disc_stats=disc_sh["batch_stats"],
+            disc_opt_state=common.optimizer_state_shardings(abstract_state.disc_opt_state,
+                                                            disc_sh["params"], mesh),
+            ema_params=model_sh["params"] if tc.ema_decay > 0 else {},
+        )
+        parallel.check_replication(abstract_state.params, state_sh.params, mesh,
+                                   config.mesh.get("max_replicated_fraction", 0.05))
+        frozen_sh = jax.tree.map(lambda _: replicated, frozen)
+    step_fn = jax.jit(make_train_step(config, parts, tx, dtx), in_shardings=(state_sh, frozen_sh, None),
+                      out_shardings=(state_sh, None), donate_argnums=0)
+    return Step(abstract_state, state_sh, frozen_sh, labels, init_state, step_fn)
+
+
+def compile_parts(config) -> Parts:
+    """:func:`build_parts`, or offline, when the HF teacher's config.json cannot be read, the same parts with the
+    tokenizer's own semantic-encoder architecture as the teacher's (the configs use one tower for both: CLIP
+    ViT-B/16 + its 512-d projection for b, SigLIP so400m up to hidden_states[-2] for xl). Compiles only."""
+    from tokenflow_jax.convert.sources import WeightsNotFoundError
+    from tokenflow_jax.models.perceptual import LPIPS
+
+    try:
+        return build_parts(config)
+    except WeightsNotFoundError as e:
+        if config.teacher.kind not in ("clip", "siglip"):
+            raise
+        model = tokenizer_lib.build(config)
+        projection = int(config.model.semantic_out_dim) if config.teacher.kind == "clip" else 0
+        vit = dataclasses.replace(model.config.semantic_encoder, remat=False)
+        teacher_cfg = teacher_lib.TeacherConfig(config.teacher.kind, config.quantizer.scales[-1],
+                                                config.teacher.input_scaling, vit, projection)
+        logger.warning("teacher %s: its config is not readable here (%s); compiling with the semantic encoder's "
+                       "architecture (%s, width %d, depth %d%s) as the teacher's", config.teacher.model, e,
+                       vit.flavour, vit.width, vit.depth, f", projection {projection}" if projection else "")
+        return Parts(model=model, disc=disc_lib.PatchDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers),
+                     teacher=teacher_lib.SemanticTeacher(teacher_cfg), teacher_config=teacher_cfg, lpips=LPIPS())
+
+
+def aot_programs(config, mesh, rules) -> list[common.Program]:
+    """The train step on abstract inputs (``tokenflow-jax compile``): state, frozen weights, one global batch."""
+    parts = compile_parts(config)
+    frozen = abstract_frozen_params(parts)
+    step = build_step(config, parts, mesh, rules, frozen)
+    size = parts.model.config.image_size
+    batch = {"image": common.abstract_batch(mesh, (int(config.train.global_batch_size), size, size, 3),
+                                            jnp.float32)}
+    args = (common.with_shardings(step.abstract_state, step.state_sh), common.with_shardings(frozen, step.frozen_sh),
+            batch)
+    return [common.Program("train_step", step.step_fn, args, state_index=0)]
 
 
 def make_init_state(config, parts: Parts):

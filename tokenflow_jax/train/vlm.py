@@ -19,6 +19,7 @@ Restarting the same command continues from the newest checkpoint in ``DIR``, exa
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -73,23 +74,9 @@ def train(config, workdir: str) -> dict[str, float]:
     data_iter = iter(dataset)
 
     # --------------------------------------------------------------------- state and its shardings
-    dummy = (jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, model_cfg.num_image_tokens, model_cfg.feature_dim)))
-
-    def init_state(key) -> TrainState:
-        params = nn.unbox(model.init(key, *dummy))["params"]
-        tx, _ = optim.make_optimizer(config.optim, params, tc.trainable, tc.frozen)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(model.init, prng.make_key(0), *dummy)
-        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
-        abstract_state = jax.eval_shape(init_state, prng.make_key(0))
-        tx, labels = optim.make_optimizer(config.optim, abstract_state.params, tc.trainable, tc.frozen)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        state_sh = TrainState(step=replicated, params=param_sh,
-                              opt_state=common.optimizer_state_shardings(abstract_state.opt_state, param_sh, mesh))
-        parallel.check_replication(abstract_state.params, param_sh, mesh,
-                                   config.mesh.get("max_replicated_fraction", 0.05))
+    step = build_step(config, model, tok_model, mesh, rules)
+    abstract_state, state_sh, param_sh, labels, tx = (step.abstract_state, step.state_sh, step.param_sh,
+                                                      step.labels, step.tx)
     trained, total = optim.count_trainable(abstract_state.params, labels)
     if trained == 0:
         raise ValueError(f"config.train.trainable={tuple(tc.trainable)} / frozen={tuple(tc.frozen)} leave no "
@@ -109,7 +96,7 @@ def train(config, workdir: str) -> dict[str, float]:
         state = TrainState(step=rest["step"], params=variables["params"], opt_state=rest["opt_state"])
         logger.info("resumed from %s at step %d", ckpt.directory, start)
     else:
-        state = jax.jit(init_state, out_shardings=state_sh)(prng.make_key(config.seed))
+        state = jax.jit(step.init_state, out_shardings=state_sh)(prng.make_key(config.seed))
         params = state.params
         if config.model.get("init"):
             params = llm_init.init_from_hf(config, model_cfg.llm, params, mesh, rules)
@@ -122,8 +109,7 @@ def train(config, workdir: str) -> dict[str, float]:
     writer.drop_after(start)
 
     # ------------------------------------------------------------------------------- update step
-    step_fn = jax.jit(make_train_step(config, model, tok_model, tx, labels),
-                      in_shardings=(state_sh, None, None), out_shardings=(state_sh, None), donate_argnums=0)
+    step_fn = step.step_fn
 
     # -------------------------------------------------------------------------------------- loop
     meta = {"recipe": "vlm", "config_spec": config.get("config_spec", ""),
@@ -135,14 +121,14 @@ def train(config, workdir: str) -> dict[str, float]:
     timer, tokens_seen = time.time(), 0
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            for step in range(start, num_steps):
+            for step_index in range(start, num_steps):
                 local = next(data_iter)
                 vlm_setup.add_counts(counts, local)
                 host = vlm_setup.trim_to_bucket(local, buckets)
                 tokens_seen += int(np.sum(host["length"])) * process_count
                 batch = vlm_setup.to_global(host, mesh)
                 state, metrics = step_fn(state, tok_vars, batch)
-                done = step + 1
+                done = step_index + 1
                 if done % tc.log_every == 0 or done == num_steps:
                     last = common.flatten_metrics(jax.device_get(metrics))
                     last.update(counts)  # this process, since the last log
@@ -165,6 +151,77 @@ def train(config, workdir: str) -> dict[str, float]:
         progress.close()
         guard.restore()
     return last
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A VLM run's abstract state on a mesh, its shardings, the optimizer and the jitted update step."""
+    abstract_state: TrainState
+    state_sh: TrainState
+    param_sh: Any
+    labels: Any
+    tx: Any
+    init_state: Any  # key -> TrainState (not jitted)
+    step_fn: Any  # jitted (state, tokenizer variables, batch) -> (state, metrics), state donated
+
+
+def build_step(config, model: vlm.VLM, tok_model, mesh, rules) -> Step:
+    """Shardings from ``jax.eval_shape`` of the init and the jitted update step. Creates no array on ``mesh``'s
+    devices, so it also serves ahead-of-time compiles for TPU topologies."""
+    cfg, tc = model.config, config.train
+    shapes = (((1, 8), jnp.int32), ((1, cfg.num_image_tokens, cfg.feature_dim), jnp.float32))
+
+    def init_state(key) -> TrainState:
+        params = nn.unbox(model.init(key, *(jnp.zeros(*s) for s in shapes)))["params"]
+        tx, _ = optim.make_optimizer(config.optim, params, tc.trainable, tc.frozen)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in shapes))
+        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
+        abstract_state = jax.eval_shape(init_state, key)
+        tx, labels = optim.make_optimizer(config.optim, abstract_state.params, tc.trainable, tc.frozen)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state_sh = TrainState(step=replicated, params=param_sh,
+                              opt_state=common.optimizer_state_shardings(abstract_state.opt_state, param_sh, mesh))
+        parallel.check_replication(abstract_state.params, param_sh, mesh,
+                                   config.mesh.get("max_replicated_fraction", 0.05))
+    step_fn = jax.jit(make_train_step(config, model, tok_model, tx, labels),
+                      in_shardings=(state_sh, None, None), out_shardings=(state_sh, None), donate_argnums=0)
+    return Step(abstract_state, state_sh, param_sh, labels, tx, init_state, step_fn)
+
+
+def aot_programs(config, mesh, rules) -> list[common.Program]:
+    """The train step on abstract inputs (``tokenflow-jax compile``): state, the frozen tokenizer's variables
+    (sharded as ``inference.load_tokenizer`` places them), one global batch at the longest bucket."""
+    from tokenflow_jax import inference, t2i_setup
+    from tokenflow_jax.models import tokenizer as tokenizer_lib
+
+    tok_config = t2i_setup.tokenizer_config(config)
+    tok_model = tokenizer_lib.build(tok_config)
+    if int(config.model.llm.vocab_size):  # no text tokenizer download for the real variants
+        num_tokens, dim = vlm.feature_shape(tok_config, config.model.features)
+        from tokenflow_jax.models import transformer
+
+        model_cfg = vlm.VLMConfig(llm=transformer.TransformerConfig(**config.model.llm.to_dict()), feature_dim=dim,
+                                  num_image_tokens=num_tokens)
+    else:
+        model_cfg = vlm_setup.model_config(config, tok_config, vlm_setup.text_tokenizer(config))
+    model = vlm.VLM(model_cfg)
+    step = build_step(config, model, tok_model, mesh, rules)
+    tok_abstract = inference.abstract_variables(tok_model)  # outside the mesh, like build_step's key
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        tok_sh = parallel.shardings_from_abstract(tok_abstract, mesh, rules)
+    tok_vars = common.with_shardings(parallel.unbox_without_constraints(tok_abstract), tok_sh)
+    g, length, size = (int(config.train.global_batch_size), int(config.data.max_length),
+                       int(tok_config.model.image_size))
+    batch = {"image": common.abstract_batch(mesh, (g, size, size, 3), jnp.float32),
+             "input_ids": common.abstract_batch(mesh, (g, length), jnp.int32),
+             "labels": common.abstract_batch(mesh, (g, length), jnp.int32),
+             "attention_mask": common.abstract_batch(mesh, (g, length), jnp.int32)}
+    args = (common.with_shardings(step.abstract_state, step.state_sh), tok_vars, batch)
+    return [common.Program("train_step", step.step_fn, args, state_index=0)]
 
 
 def rest_of_state(state: TrainState) -> dict[str, Any]:
