@@ -44,6 +44,7 @@ class VqaModel:
     generator: Generator
     mesh: Any
     image_size: int
+    encode: Any  # jitted (tokenizer variables, images [B, S, S, 3]) -> features [B, T, C]
 
     @classmethod
     def load(cls, config, checkpoint_dir: str) -> VqaModel:
@@ -69,8 +70,10 @@ class VqaModel:
                               top_k=int(g.top_k), top_p=float(g.top_p))
         logger.info("loaded the VLM from %s (%d image tokens, template %s)", checkpoint_dir,
                     model_cfg.num_image_tokens, config.text.template)
+        kind = config.model.features
+        encode = jax.jit(lambda v, x: vlm.visual_features(tok_model, v, x, kind))
         return cls(config, model, params, tok_model, tok_vars, tokenizer, generator, mesh,
-                   int(tok_config.model.image_size))
+                   int(tok_config.model.image_size), encode)
 
     # -- inputs --------------------------------------------------------------------------------------
 
@@ -94,12 +97,6 @@ class VqaModel:
             ids[b, length - len(r):], mask[b, length - len(r):] = r, 1
         return ids, mask
 
-    def _features(self, images: np.ndarray) -> jax.Array:
-        if not hasattr(self, "_encode"):
-            kind = self.config.model.features
-            self._encode = jax.jit(lambda v, x: vlm.visual_features(self.tok_model, v, x, kind))
-        return self._encode(self.tok_vars, images)
-
     # -- entry points --------------------------------------------------------------------------------
 
     def answer(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> list[str]:
@@ -110,7 +107,7 @@ class VqaModel:
         pixels = np.stack([self.preprocess(np.asarray(images[i])) for i in rows])
         ids, mask = self.prompts([questions[i] for i in rows])
         with jax.set_mesh(self.mesh):
-            features = self._features(_sharded(pixels, self.mesh))
+            features = self.encode(self.tok_vars, _sharded(pixels, self.mesh))
             tokens, lengths = self.generator.batch(self.params, _sharded(ids, self.mesh), _sharded(mask, self.mesh),
                                                    features)
             tokens, lengths = (np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in (tokens, lengths))
@@ -121,7 +118,7 @@ class VqaModel:
         """The answer to one question, yielded as text pieces while it is decoded."""
         pixels = self.preprocess(np.asarray(image))[None]
         ids, mask = self.prompts([question])
-        features = self._features(pixels)
+        features = self.encode(self.tok_vars, pixels)
         tokens: list[int] = []
         shown = ""
         for token in self.generator.stream(self.params, ids, mask, features):

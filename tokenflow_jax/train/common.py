@@ -11,6 +11,7 @@ import signal
 import time
 from typing import Any
 
+import flax.struct
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -268,3 +269,64 @@ def restorable_data_iterator(ckpt, step: int, data_iter):
                    "needs %s): model and optimizer state are restored, each process's data stream starts over",
                    step, written, name)
     return None
+
+
+# ------------------------------------------------------------------------- decoder trainers' state
+@flax.struct.dataclass
+class TrainState:
+    """Parameters, optimizer state and step of the t2i and VLM trainers (the tokenizer's has more)."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def rest_of_state(state: TrainState) -> dict[str, Any]:
+    """The checkpoint's ``train_state`` item: everything but the parameters."""
+    return {"step": state.step, "opt_state": state.opt_state}
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A run's abstract state on a mesh, its shardings, the optimizer and the jitted update step."""
+    abstract_state: TrainState
+    state_sh: TrainState
+    param_sh: Any
+    labels: Any  # 'train' / 'freeze' per parameter
+    tx: Any
+    init_state: Any  # key -> TrainState (not jitted)
+    step_fn: Any  # jitted (state, *other_args) -> (state, metrics), state donated
+
+
+def build_step(config, model, init_inputs, make_train_step, mesh: Mesh, rules, *, other_in_shardings=(None, None),
+               trainable=(), frozen=()) -> Step:
+    """Shardings from ``jax.eval_shape`` of ``model.init`` and the jitted update step
+    ``make_train_step(tx, labels)``. Creates no array on ``mesh``'s devices, so it also serves ahead-of-time
+    compiles for TPU topologies.
+
+    init_inputs: ((shape, dtype), ...) of the dummy arguments of ``model.init``; other_in_shardings: those of
+    the step's arguments after the state; trainable / frozen: the optimizer's parameter regexes.
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from tokenflow_jax import parallel, prng
+    from tokenflow_jax.train import optim
+
+    def init_state(key) -> TrainState:
+        params = nn.unbox(model.init(key, *(jnp.zeros(*s) for s in init_inputs)))["params"]
+        tx, _ = optim.make_optimizer(config.optim, params, trainable, frozen)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in init_inputs))
+        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
+        abstract_state = jax.eval_shape(init_state, key)
+        tx, labels = optim.make_optimizer(config.optim, abstract_state.params, trainable, frozen)
+        state_sh = TrainState(step=NamedSharding(mesh, PartitionSpec()), params=param_sh,
+                              opt_state=optimizer_state_shardings(abstract_state.opt_state, param_sh, mesh))
+        parallel.check_replication(abstract_state.params, param_sh, mesh,
+                                   config.mesh.get("max_replicated_fraction", 0.05))
+    step_fn = jax.jit(make_train_step(tx, labels), in_shardings=(state_sh, *other_in_shardings),
+                      out_shardings=(state_sh, None), donate_argnums=0)
+    return Step(abstract_state, state_sh, param_sh, labels, tx, init_state, step_fn)

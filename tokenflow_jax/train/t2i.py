@@ -13,32 +13,25 @@ donated; restarting the same command continues from the newest checkpoint in ``D
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tokenflow_jax import checkpoint, inference, parallel, prng, t2i_setup
+from tokenflow_jax import checkpoint, inference, prng, t2i_setup
 from tokenflow_jax.models import t2i
 from tokenflow_jax.train import common, llm_init, optim
 
 logger = logging.getLogger(__name__)
 
 
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
+TrainState, rest_of_state = common.TrainState, common.rest_of_state
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -164,44 +157,13 @@ def train(config, workdir: str) -> dict[str, float]:
     return last
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """A t2i run's abstract state on a mesh, its shardings and the jitted update step."""
-    abstract_state: TrainState
-    state_sh: TrainState
-    param_sh: Any
-    labels: Any
-    init_state: Any  # key -> TrainState (not jitted)
-    step_fn: Any  # jitted (state, codebook, batch) -> (state, metrics), state donated
-
-
-def build_step(config, model: t2i.NextScaleT2I, mesh, rules) -> Step:
-    """Shardings from ``jax.eval_shape`` of the init and the jitted update step. Creates no array on ``mesh``'s
-    devices, so it also serves ahead-of-time compiles for TPU topologies."""
+def build_step(config, model: t2i.NextScaleT2I, mesh, rules) -> common.Step:
+    """``common.build_step`` for the t2i update ``(state, codebook [K, C], batch) -> (state, metrics)``."""
     cfg = model.config
     p, n = cfg.text_length, cfg.num_tokens
-    shapes = (((1, p), jnp.int32), ((1, p), jnp.int32), ((1, n, cfg.code_dim), jnp.float32))
-
-    def init_state(key) -> TrainState:
-        dummy = (jnp.zeros(*shapes[0]), jnp.ones(*shapes[1]), jnp.zeros(*shapes[2]))
-        params = nn.unbox(model.init(key, *dummy))["params"]
-        tx, _ = optim.make_optimizer(config.optim, params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in shapes))
-        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
-        abstract_state = jax.eval_shape(init_state, key)
-        tx, labels = optim.make_optimizer(config.optim, abstract_state.params)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        state_sh = TrainState(step=replicated, params=param_sh,
-                              opt_state=common.optimizer_state_shardings(abstract_state.opt_state, param_sh, mesh))
-        parallel.check_replication(abstract_state.params, param_sh, mesh,
-                                   config.mesh.get("max_replicated_fraction", 0.05))
-    step_fn = jax.jit(make_train_step(config, model, tx), in_shardings=(state_sh, replicated, None),
-                      out_shardings=(state_sh, None), donate_argnums=0)
-    return Step(abstract_state, state_sh, param_sh, labels, init_state, step_fn)
+    inputs = (((1, p), jnp.int32), ((1, p), jnp.int32), ((1, n, cfg.code_dim), jnp.float32))
+    return common.build_step(config, model, inputs, lambda tx, _: make_train_step(config, model, tx), mesh, rules,
+                             other_in_shardings=(NamedSharding(mesh, PartitionSpec()), None))
 
 
 def compile_model_config(config) -> t2i.T2IConfig:
@@ -228,11 +190,6 @@ def aot_programs(config, mesh, rules) -> list[common.Program]:
              "indices": common.abstract_batch(mesh, (g, n), jnp.int32)}
     args = (common.with_shardings(step.abstract_state, step.state_sh), codebook, batch)
     return [common.Program("train_step", step.step_fn, args, state_index=0)]
-
-
-def rest_of_state(state: TrainState) -> dict[str, Any]:
-    """The checkpoint's ``train_state`` item: everything but the parameters."""
-    return {"step": state.step, "opt_state": state.opt_state}
 
 
 def token_dataset(config, tok_config, path: str, global_batch: int):

@@ -19,18 +19,14 @@ Restarting the same command continues from the newest checkpoint in ``DIR``, exa
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec
 
 from tokenflow_jax import checkpoint, parallel, prng, vlm_setup
 from tokenflow_jax.models import vlm
@@ -39,11 +35,7 @@ from tokenflow_jax.train import common, llm_init, optim
 logger = logging.getLogger(__name__)
 
 
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
+TrainState, rest_of_state = common.TrainState, common.rest_of_state
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -153,43 +145,14 @@ def train(config, workdir: str) -> dict[str, float]:
     return last
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """A VLM run's abstract state on a mesh, its shardings, the optimizer and the jitted update step."""
-    abstract_state: TrainState
-    state_sh: TrainState
-    param_sh: Any
-    labels: Any
-    tx: Any
-    init_state: Any  # key -> TrainState (not jitted)
-    step_fn: Any  # jitted (state, tokenizer variables, batch) -> (state, metrics), state donated
-
-
-def build_step(config, model: vlm.VLM, tok_model, mesh, rules) -> Step:
-    """Shardings from ``jax.eval_shape`` of the init and the jitted update step. Creates no array on ``mesh``'s
-    devices, so it also serves ahead-of-time compiles for TPU topologies."""
-    cfg, tc = model.config, config.train
-    shapes = (((1, 8), jnp.int32), ((1, cfg.num_image_tokens, cfg.feature_dim), jnp.float32))
-
-    def init_state(key) -> TrainState:
-        params = nn.unbox(model.init(key, *(jnp.zeros(*s) for s in shapes)))["params"]
-        tx, _ = optim.make_optimizer(config.optim, params, tc.trainable, tc.frozen)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in shapes))
-        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
-        abstract_state = jax.eval_shape(init_state, key)
-        tx, labels = optim.make_optimizer(config.optim, abstract_state.params, tc.trainable, tc.frozen)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        state_sh = TrainState(step=replicated, params=param_sh,
-                              opt_state=common.optimizer_state_shardings(abstract_state.opt_state, param_sh, mesh))
-        parallel.check_replication(abstract_state.params, param_sh, mesh,
-                                   config.mesh.get("max_replicated_fraction", 0.05))
-    step_fn = jax.jit(make_train_step(config, model, tok_model, tx, labels),
-                      in_shardings=(state_sh, None, None), out_shardings=(state_sh, None), donate_argnums=0)
-    return Step(abstract_state, state_sh, param_sh, labels, tx, init_state, step_fn)
+def build_step(config, model: vlm.VLM, tok_model, mesh, rules) -> common.Step:
+    """``common.build_step`` for the VLM update ``(state, tokenizer variables, batch) -> (state, metrics)``,
+    with ``train.trainable`` / ``train.frozen`` choosing the trained parameters."""
+    cfg = model.config
+    inputs = (((1, 8), jnp.int32), ((1, cfg.num_image_tokens, cfg.feature_dim), jnp.float32))
+    return common.build_step(config, model, inputs,
+                             lambda tx, labels: make_train_step(config, model, tok_model, tx, labels), mesh, rules,
+                             trainable=config.train.trainable, frozen=config.train.frozen)
 
 
 def aot_programs(config, mesh, rules) -> list[common.Program]:
@@ -222,11 +185,6 @@ def aot_programs(config, mesh, rules) -> list[common.Program]:
              "attention_mask": common.abstract_batch(mesh, (g, length), jnp.int32)}
     args = (common.with_shardings(step.abstract_state, step.state_sh), tok_vars, batch)
     return [common.Program("train_step", step.step_fn, args, state_index=0)]
-
-
-def rest_of_state(state: TrainState) -> dict[str, Any]:
-    """The checkpoint's ``train_state`` item: everything but the parameters."""
-    return {"step": state.step, "opt_state": state.opt_state}
 
 
 def make_train_step(config, model: vlm.VLM, tok_model, tx, labels):
