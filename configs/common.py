@@ -112,6 +112,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     return config
 
 
+def build_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """:func:`load_config` then :func:`apply_overrides`; the overrides are recorded (``config.config_overrides``)
+    next to ``config.config_spec`` so checkpoints can rebuild the same config."""
+    config = apply_overrides(load_config(spec), overrides)
+    with config.unlocked():
+        config.config_overrides = list(overrides)
+    return config
+
+
 def _unknown(path: str, node: Any) -> str:
     keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
     close = difflib.get_close_matches(path.split(".")[-1], keys, n=3)

@@ -14,6 +14,7 @@
     tokenflow-jax convert --from hf --model ID_OR_PATH --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax export --checkpoint DIR --out tokenflow.pt
     tokenflow-jax compile --config configs/t2i.py:7b --topology v5p-256     (AOT for a TPU slice, on any CPU machine)
+    tokenflow-jax demo --workdir DIR       (the whole system on built-in data, ~20 min on 2 CPU cores)
 
 Multi-process launches (TPU pods, SLURM, launch/local_multiprocess.sh) are detected from the environment, or
 given with --coordinator HOST:PORT --num-processes N --process-id I before the command (tokenflow_jax/distributed.py).
@@ -52,11 +53,7 @@ def _load_config(spec: str | None, overrides: Sequence[str], checkpoint: str | N
             raise SystemExit(f"error: checkpoint {checkpoint} records no config; pass --config FILE:ARG")
     if spec is None:
         raise SystemExit("error: --config FILE:ARG is required")
-    config = common.load_config(spec)
-    common.apply_overrides(config, overrides)
-    with config.unlocked():
-        config.config_overrides = list(overrides)
-    return config
+    return common.build_config(spec, overrides)
 
 
 def cmd_reconstruct(args, overrides) -> int:
@@ -147,6 +144,12 @@ def cmd_export(args, overrides) -> int:
 
     config = _load_config(args.config, overrides, args.checkpoint)
     return convert_run.to_official(config, args.checkpoint, args.out)
+
+
+def cmd_demo(args, overrides) -> int:
+    from tokenflow_jax import demo
+
+    return demo.run(_load_config(args.config, overrides), args.workdir)
 
 
 def cmd_compile(args, overrides) -> int:
@@ -245,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config FILE:ARG (default: the checkpoint's)")
     p.add_argument("--out", required=True, help="output .pt or .safetensors file")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("demo", help="the whole system on built-in data (~20 min on 2 CPU cores): tokenizer, t2i and "
+                                    "VLM trained and evaluated, DIR/report.md; re-running continues")
+    p.add_argument("--workdir", required=True, help="every stage's run, the images and report.md go here")
+    p.add_argument("--config", default="configs/demo.py", help="demo config FILE (default configs/demo.py)")
+    p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("compile", help="compile a config's train step (or sampler) for a TPU slice on this machine: "
                                        "mesh, per-device HBM, FLOPs; exit 1 when it does not fit")

