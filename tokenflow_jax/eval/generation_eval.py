@@ -33,11 +33,15 @@ from tokenflow_jax.ops import sampling
 logger = logging.getLogger(__name__)
 
 
-def _in_batches(generator, texts: list[str], schedule) -> np.ndarray:
+def _in_batches(generator, texts: list[str], schedule, desc: str = "sample") -> np.ndarray:
     """uint8 images [len(texts), H, W, 3], one per prompt (sample index 0), in global batches."""
+    import jax
+
+    from tokenflow_jax.train.common import progress_bar
 
     batch = int(generator.config.batch_size)
     out = []
+    bar = progress_bar(0, len(texts), jax.process_index() == 0, desc, unit="img")
     for start in range(0, len(texts), batch):
         chunk = texts[start : start + batch]
         pad = batch - len(chunk)
@@ -45,6 +49,8 @@ def _in_batches(generator, texts: list[str], schedule) -> np.ndarray:
         index = list(range(start, start + batch))
         _, images, _ = generator.sample(rows, index, [0] * batch, schedule)
         out.append(local_rows(images)[: len(chunk)])
+        bar.update(len(chunk))
+    bar.close()
     return np.concatenate(out, axis=0)
 
 
@@ -80,7 +86,7 @@ def evaluate(generator, num_per_category: int, loops: list[int], seed: int = 0) 
     for loop in loops:
         schedule = clipped(sampling.SamplingSchedule.preset(loop), k)
         start = time.time()
-        images = _in_batches(generator, texts, schedule)
+        images = _in_batches(generator, texts, schedule, f"{loop}-step sampling")
         seconds = time.time() - start
         scored = shapes_eval.evaluate(prompts, images)
         scored.update(top_k=list(schedule.top_k), top_p=list(schedule.top_p), seconds=seconds,

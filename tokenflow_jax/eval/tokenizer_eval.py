@@ -156,9 +156,12 @@ def evaluate(config, checkpoint_dir: str | None, num_images: int | None = None, 
     used = np.zeros((len(scales), k), bool)
     sums = {name: 0.0 for name in ("psnr", "ssim", "ssim_range2", "lpips")}
     stats_real, stats_fake = fid.FeatureStatistics(2048), fid.FeatureStatistics(2048)
+    from tokenflow_jax.train.common import progress_bar
+
     count, start = 0, time.time()
     batches = sharded_eval_batches(eval_data_config(config, num_images), mesh, batch_size, config.seed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    bar = progress_bar(0, num_images, jax.process_index() == 0, "eval", unit="img")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), bar:
         for _, _, batch in batches:
             if count >= num_images:
                 break
@@ -175,6 +178,7 @@ def evaluate(config, checkpoint_dir: str | None, num_images: int | None = None, 
                 stats_real.update(np.asarray(out["features_real"])[valid])
                 stats_fake.update(np.asarray(out["features_fake"])[valid])
             count += int(valid.sum())
+            bar.update(int(valid.sum()))
     if count == 0:
         raise ValueError("evaluation saw no valid image; check config.data and config.eval")
     results: dict[str, Any] = {name: value / count for name, value in sums.items()}

@@ -100,7 +100,7 @@ def evaluate(vqa, questions: Sequence[dict[str, Any]], batch_size: int, progress
     from tokenflow_jax.train.common import progress_bar
 
     answers: list[str] = []
-    bar = progress_bar(0, len(questions), progress and jax.process_index() == 0, "eval-vqa")
+    bar = progress_bar(0, len(questions), progress and jax.process_index() == 0, "eval-vqa", unit="question")
     for start in range(0, len(questions), batch_size):
         chunk = list(questions[start : start + batch_size])
         rows = chunk + [chunk[-1]] * (batch_size - len(chunk))

@@ -204,11 +204,11 @@ def save_if_due(ckpt, guard: PreemptionGuard, done: int, num_steps: int, every: 
     return stop
 
 
-def progress_bar(start: int, total: int, enabled: bool, desc: str | None = None):
-    """A tqdm bar over training steps, shown by process 0 only."""
+def progress_bar(start: int, total: int, enabled: bool, desc: str | None = None, unit: str = "step"):
+    """A tqdm bar over training steps (or ``unit``s), shown by process 0 only."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, desc=desc)
+    return tqdm(total=total, initial=start, disable=not enabled, unit=unit, dynamic_ncols=True, desc=desc)
 
 
 def merge_trees(base: dict, update: dict) -> dict:
