@@ -14,7 +14,7 @@
     tokenflow-jax convert --from hf --model ID_OR_PATH --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax export --checkpoint DIR --out tokenflow.pt
     tokenflow-jax compile --config configs/t2i.py:7b --topology v5p-256     (AOT for a TPU slice, on any CPU machine)
-    tokenflow-jax demo --workdir DIR       (the whole system on built-in data, ~20 min on 2 CPU cores)
+    tokenflow-jax demo --workdir DIR       (the whole system on built-in data, ~18 min on 2 CPU cores)
 
 Multi-process launches (TPU pods, SLURM, launch/local_multiprocess.sh) are detected from the environment, or
 given with --coordinator HOST:PORT --num-processes N --process-id I before the command (tokenflow_jax/distributed.py).
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .pt or .safetensors file")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("demo", help="the whole system on built-in data (~20 min on 2 CPU cores): tokenizer, t2i and "
+    p = sub.add_parser("demo", help="the whole system on built-in data (~18 min on 2 CPU cores): tokenizer, t2i and "
                                     "VLM trained and evaluated, DIR/report.md; re-running continues")
     p.add_argument("--workdir", required=True, help="every stage's run, the images and report.md go here")
     p.add_argument("--config", default="configs/demo.py", help="demo config FILE (default configs/demo.py)")
