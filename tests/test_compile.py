@@ -65,7 +65,7 @@ def test_abstract_frozen_weights_match_the_loaded_ones():
     config = common.load_config("configs/tokenizer.py:tiny")
     parts = trainer.build_parts(config)
     loaded = trainer.load_frozen_params(config, parts)
-    abstract = trainer.abstract_frozen_params(parts)
+    abstract = trainer.abstract_frozen_params(config, parts)
     assert jax.tree.structure(loaded) == jax.tree.structure(abstract)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(abstract)):
         assert (tuple(np.shape(a)), np.asarray(a).dtype) == (tuple(b.shape), b.dtype)
@@ -92,10 +92,11 @@ def t2i_state_bytes(spec="configs/t2i.py:tiny"):
     """Hand count: float32 parameters + AdamW's two moments, whole (as on a data-parallel mesh)."""
     import jax
 
+    from tokenflow_jax import t2i_setup
     from tokenflow_jax.models import t2i
-    from tokenflow_jax.train import t2i as t2i_train
 
-    cfg = t2i_train.compile_model_config(common.load_config(spec))
+    config = common.load_config(spec)
+    cfg = t2i_setup.model_config(config, t2i_setup.tokenizer_config(config))
     text = jax.ShapeDtypeStruct((1, cfg.text_length), np.int32)
     codes = jax.ShapeDtypeStruct((1, cfg.num_tokens, cfg.code_dim), np.float32)
     params = jax.eval_shape(t2i.NextScaleT2I(cfg).init, jax.random.key(0), text, text, codes)

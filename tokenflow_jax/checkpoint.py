@@ -138,7 +138,8 @@ def restore_variables(directory: str, target: Any, step: int | None = None) -> A
 
 
 def abstract_target(abstract: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs of ``abstract`` carrying ``shardings`` (a tree of the same structure)."""
+    """ShapeDtypeStructs of ``abstract`` carrying ``shardings`` (a tree of the same structure): restore targets,
+    and the abstract inputs of ahead-of-time compiles."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, np.dtype(a.dtype), sharding=s), abstract, shardings)
 
 

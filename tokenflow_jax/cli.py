@@ -63,18 +63,11 @@ def cmd_reconstruct(args, overrides) -> int:
     return reconstruct.run(config, args.images, args.out, args.checkpoint, batch_size=args.batch_size)
 
 
-TRAINERS = {"tokenizer": "tokenflow_jax.train.tokenizer", "t2i": "tokenflow_jax.train.t2i",
-            "vlm": "tokenflow_jax.train.vlm"}
-
-
 def cmd_train(args, overrides) -> int:
-    import importlib
+    from tokenflow_jax import train
 
     config = _load_config(args.config, overrides)
-    recipe = config.get("recipe", "")
-    if recipe not in TRAINERS:
-        raise ValueError(f"config.recipe {recipe!r} has no trainer; known recipes: {sorted(TRAINERS)}")
-    importlib.import_module(TRAINERS[recipe]).train(config, args.workdir)
+    train.trainer(config).train(config, args.workdir)
     return 0
 
 

@@ -31,15 +31,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tokenflow_jax.train import TRAINERS
+
 logger = logging.getLogger(__name__)
 
-# config.recipe -> the module exposing aot_programs(config, mesh, rules). The vlm recipe adds its line here.
-RECIPES = {
-    "tokenizer": "tokenflow_jax.train.tokenizer",
-    "t2i": "tokenflow_jax.train.t2i",
-    "sample": "tokenflow_jax.generate",
-    "vlm": "tokenflow_jax.train.vlm",
-}
+# config.recipe -> the module exposing aot_programs(config, mesh, rules): every trainer, and the sampler.
+RECIPES = {**TRAINERS, "sample": "tokenflow_jax.generate"}
 
 _OOM = re.compile(r"resource_exhausted|exceeds available hbm|ran out of memory", re.IGNORECASE)
 GIB = 2**30
@@ -77,10 +74,7 @@ def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         print("error: compiling for a TPU topology needs libtpu: pip install 'jax[tpu]==0.10.2' (about 1 GB; any CPU "
               "machine, no TPU needed; the test extra includes it)", file=sys.stderr)
         return 2
-    config = config_lib.load_config(args.config)
-    config_lib.apply_overrides(config, overrides)
-    with config.unlocked():
-        config.config_overrides = list(overrides)
+    config = config_lib.build_config(args.config, overrides)
     report = compile_config(config, tpu)
     print(format_report(report))
     if args.json:
@@ -114,13 +108,7 @@ def topology_mesh(mesh_config, devices: list, num_slices: int = 1):
     if num_slices == 1:
         return parallel.make_mesh(mesh_config.shape, axes, devices)
     # Resolve -1 first, then put the slices on the data axis: its all-reduce is the one that tolerates DCN.
-    shape = [int(s) for s in mesh_config.shape]
-    if shape.count(-1) == 1:
-        known = math.prod(s for s in shape if s != -1)
-        shape[shape.index(-1)] = len(devices) // known if known and len(devices) % known == 0 else -1
-    if -1 in shape or math.prod(shape) != len(devices):
-        raise ValueError(f"config.mesh.shape {tuple(mesh_config.shape)} does not fit the {len(devices)} devices of "
-                         f"{num_slices} slices")
+    shape = parallel.resolve_mesh_shape(mesh_config.shape, len(devices))
     data = axes.index("data")
     if shape[data] % num_slices:
         raise ValueError(f"config.mesh.shape {tuple(shape)}: the data axis ({shape[data]}) must be a multiple of "

@@ -84,12 +84,9 @@ def vlm_config(demo, workdir: str) -> Any:
 
 def _train(config, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the recipe's trainer; the mean logged throughput and the last metrics."""
-    import importlib
+    from tokenflow_jax import checkpoint, train
 
-    from tokenflow_jax import checkpoint
-    from tokenflow_jax.cli import TRAINERS
-
-    importlib.import_module(TRAINERS[config.recipe]).train(config, workdir)
+    train.trainer(config).train(config, workdir)
     steps = int(config.train.num_steps)
     if checkpoint.latest_step(os.path.join(workdir, "checkpoints")) != steps:
         raise Interrupted(workdir)

@@ -117,24 +117,20 @@ def aot_programs(config, mesh, rules) -> list:
     from configs import common as config_lib
     from tokenflow_jax.models import tokenizer as tokenizer_lib
     from tokenflow_jax.train import common
-    from tokenflow_jax.train import t2i as t2i_train
 
     t2i_config = config_lib.load_config(config.model_config)
     rules = tuple(tuple(r) for r in t2i_config.mesh.get("rules", parallel.DEFAULT_RULES))  # as Generator
-    model_cfg = t2i_train.compile_model_config(t2i_config)
+    model_cfg = t2i_setup.model_config(t2i_config, t2i_setup.tokenizer_config(t2i_config))
     model = t2i.NextScaleT2I(model_cfg)
     tok_model = tokenizer_lib.build(t2i_setup.tokenizer_config(t2i_config))
     p, n = model_cfg.text_length, model_cfg.num_tokens
     shapes = ((1, p), jnp.int32), ((1, p), jnp.int32), ((1, n, model_cfg.code_dim), jnp.float32)
     key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
-    tok_abstract = inference.abstract_variables(tok_model)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in shapes))
         param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
-    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):  # as inference.load_tokenizer
-        tok_sh = parallel.shardings_from_abstract(tok_abstract, mesh)
-    params = common.with_shardings(parallel.unbox_without_constraints(boxed)["params"], param_sh)
-    tok_vars = common.with_shardings(parallel.unbox_without_constraints(tok_abstract), tok_sh)
+    params = checkpoint.abstract_target(parallel.unbox_without_constraints(boxed)["params"], param_sh)
+    tok_vars = inference.abstract_tokenizer_variables(tok_model, mesh)
     codebook = jax.ShapeDtypeStruct((model_cfg.codebook_size, model_cfg.code_dim), jnp.float32,
                                     sharding=inference.replicated(mesh))
     b = int(config.batch_size)

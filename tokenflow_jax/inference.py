@@ -27,6 +27,19 @@ def abstract_variables(model: tokenizer.TokenFlow, batch: int = 1) -> Any:
     return jax.eval_shape(model.init, prng.make_key(0), image)
 
 
+def variable_shardings(abstract: Any, mesh: Mesh) -> Any:
+    """Where the tokenizer's variables live on ``mesh`` (the project's default logical-axis rules)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
+        return parallel.shardings_from_abstract(abstract, mesh)
+
+
+def abstract_tokenizer_variables(model: tokenizer.TokenFlow, mesh: Mesh) -> Any:
+    """ShapeDtypeStructs of ``model``'s variables placed as :func:`load_tokenizer` places them on ``mesh``: the
+    frozen tokenizer input of an ahead-of-time compile (nothing is read or allocated)."""
+    abstract = abstract_variables(model)
+    return checkpoint.abstract_target(parallel.unbox_without_constraints(abstract), variable_shardings(abstract, mesh))
+
+
 def load_tokenizer(
     config, checkpoint_dir: str | None = None, mesh: Mesh | None = None, seed: int = 0
 ) -> tuple[tokenizer.TokenFlow, Any]:
@@ -39,8 +52,7 @@ def load_tokenizer(
     model = tokenizer.build(config)
     abstract = abstract_variables(model)
     if mesh is not None:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
-            shardings = parallel.shardings_from_abstract(abstract, mesh)
+        shardings = variable_shardings(abstract, mesh)
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, parallel.unbox_without_constraints(abstract))

@@ -45,6 +45,25 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> list[int]:
+    """``shape`` with its (at most one) -1 entry filled by the remaining devices; an error unless the product is
+    ``num_devices``."""
+    shape = [int(s) for s in shape]
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if num_devices % known:
+            raise ValueError(f"mesh shape {shape} does not divide the {num_devices} devices")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {num_devices} are available; "
+            "set config.mesh.shape to match (use -1 for 'the rest')"
+        )
+    return shape
+
+
 def make_mesh(
     shape: Sequence[int],
     axis_names: Sequence[str] = MESH_AXES,
@@ -59,21 +78,9 @@ def make_mesh(
       devices: devices to use (default: all); their count must equal the product of ``shape``.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = list(shape)
     if len(shape) != len(axis_names):
-        raise ValueError(f"mesh shape {shape} and axis names {tuple(axis_names)} differ in length")
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
-    if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {shape} does not divide the {len(devices)} devices")
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
-        raise ValueError(
-            f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are available; "
-            "set config.mesh.shape to match (use -1 for 'the rest')"
-        )
+        raise ValueError(f"mesh shape {list(shape)} and axis names {tuple(axis_names)} differ in length")
+    shape = resolve_mesh_shape(shape, len(devices))
     try:
         device_array = mesh_utils.create_device_mesh(
             shape, devices, allow_split_physical_axes=allow_split_physical_axes

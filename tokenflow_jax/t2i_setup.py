@@ -31,9 +31,7 @@ def tokenizer_config(config) -> Any:
     if not spec:
         raise ValueError("config.tokenizer.config is empty and config.tokenizer.checkpoint records no config: "
                          "set --config.tokenizer.config=configs/tokenizer.py:VARIANT")
-    tok = common.load_config(spec)
-    common.apply_overrides(tok, overrides)
-    return tok
+    return common.build_config(spec, overrides)
 
 
 def text_parts(config) -> tuple[Any, text_lib.PromptEncoder]:
@@ -42,9 +40,17 @@ def text_parts(config) -> tuple[Any, text_lib.PromptEncoder]:
     return tokenizer, text_lib.PromptEncoder(tokenizer, config.model.text_length, config.text.image_marker)
 
 
-def model_config(config, tok_config, text_tokenizer) -> t2i.T2IConfig:
+def model_config(config, tok_config, text_tokenizer=None) -> t2i.T2IConfig:
     """The T2IConfig; ``model.llm.vocab_size = 0`` means: the text tokenizer's ids (+ K codes and [PAD] for
-    the 'extended' head). A non-zero vocabulary must cover the tokenizer's ids (and the codes)."""
+    the 'extended' head). A non-zero vocabulary must cover the tokenizer's ids (and the codes).
+
+    Without ``text_tokenizer``, a non-zero vocabulary is taken as given (nothing is read: ahead-of-time
+    compiles of the 1b / 7b configs need no download) and a zero one loads the tokenizer to size it.
+    """
+    if text_tokenizer is None:
+        if int(config.model.llm.vocab_size):
+            return t2i.t2i_config(config, tok_config)
+        text_tokenizer, _ = text_parts(config)
     text_vocab = text_lib.vocab_size(text_tokenizer)
     k = tok_config.quantizer.codebook_size
     extra = k + 1 if config.model.head == "extended" else 0

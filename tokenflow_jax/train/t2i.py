@@ -87,7 +87,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
     # --------------------------------------------------------------------- state and its shardings
     step = build_step(config, model, mesh, rules)
-    abstract_state, state_sh, param_sh, labels = step.abstract_state, step.state_sh, step.param_sh, step.labels
+    abstract_state, state_sh, labels = step.abstract_state, step.state_sh, step.labels
     _, total = optim.count_trainable(abstract_state.params, labels)
     logger.info("t2i model: %.2fM parameters (decoder %.2fM), %d image tokens over %d scales, text prefix %d, "
                 "vocabulary %d, head %s", total / 1e6, model_cfg.llm.num_params() / 1e6, n, len(model_cfg.scales),
@@ -97,10 +97,7 @@ def train(config, workdir: str) -> dict[str, float]:
     ckpt = checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, use_async=tc.async_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
-        variables, rest = ckpt.restore(start, {"params": common.with_shardings(abstract_state.params, param_sh)},
-                                       common.with_shardings(rest_of_state(abstract_state), rest_of_state(state_sh)),
-                                       common.restorable_data_iterator(ckpt, start, data_iter))
-        state = TrainState(step=rest["step"], params=variables["params"], opt_state=rest["opt_state"])
+        state = common.resume_state(ckpt, start, step, data_iter)
         logger.info("resumed from %s at step %d", ckpt.directory, start)
     else:
         state = jax.jit(step.init_state, out_shardings=state_sh)(prng.make_key(config.seed))
@@ -166,20 +163,10 @@ def build_step(config, model: t2i.NextScaleT2I, mesh, rules) -> common.Step:
                              other_in_shardings=(NamedSharding(mesh, PartitionSpec()), None))
 
 
-def compile_model_config(config) -> t2i.T2IConfig:
-    """The T2IConfig without downloading anything when ``model.llm.vocab_size`` is set (1b, 7b): the text
-    tokenizer is only read to size the vocabulary (tiny's built-in one is offline anyway)."""
-    tok_config = t2i_setup.tokenizer_config(config)
-    if int(config.model.llm.vocab_size):
-        return t2i.t2i_config(config, tok_config)
-    text_tokenizer, _ = t2i_setup.text_parts(config)
-    return t2i_setup.model_config(config, tok_config, text_tokenizer)
-
-
 def aot_programs(config, mesh, rules) -> list[common.Program]:
     """The train step on abstract inputs (``tokenflow-jax compile``): state, codebook, one global batch of
     tokenized data (text ids and mask [B, P], image-token indices [B, N])."""
-    model_cfg = compile_model_config(config)
+    model_cfg = t2i_setup.model_config(config, t2i_setup.tokenizer_config(config))  # reads nothing for 1b / 7b
     model = t2i.NextScaleT2I(model_cfg)
     step = build_step(config, model, mesh, rules)
     g, p, n = int(config.train.global_batch_size), model_cfg.text_length, model_cfg.num_tokens
@@ -188,7 +175,7 @@ def aot_programs(config, mesh, rules) -> list[common.Program]:
     batch = {"text_ids": common.abstract_batch(mesh, (g, p), jnp.int32),
              "text_mask": common.abstract_batch(mesh, (g, p), jnp.int32),
              "indices": common.abstract_batch(mesh, (g, n), jnp.int32)}
-    args = (common.with_shardings(step.abstract_state, step.state_sh), codebook, batch)
+    args = (checkpoint.abstract_target(step.abstract_state, step.state_sh), codebook, batch)
     return [common.Program("train_step", step.step_fn, args, state_index=0)]
 
 

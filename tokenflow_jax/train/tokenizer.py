@@ -170,11 +170,12 @@ class Parts:
     lpips: Any  # LPIPS (frozen)
 
 
-def build_parts(config) -> Parts:
-    """The generator, discriminator, teacher and LPIPS modules of ``config``; checks the teacher width."""
+def build_parts(config, teacher_cfg: teacher_lib.TeacherConfig | None = None) -> Parts:
+    """The generator, discriminator, teacher and LPIPS modules of ``config``; checks the teacher width.
+    ``teacher_cfg`` defaults to :func:`teacher_lib.teacher_config` (which reads an HF teacher's config)."""
     from tokenflow_jax.models.perceptual import LPIPS
 
-    teacher_cfg = teacher_lib.teacher_config(config)
+    teacher_cfg = teacher_cfg or teacher_lib.teacher_config(config)
     if teacher_cfg.feature_dim != config.model.semantic_out_dim:
         raise ValueError(f"config.model.semantic_out_dim ({config.model.semantic_out_dim}) must equal the teacher's "
                          f"feature width ({teacher_cfg.feature_dim}, teacher.kind={config.teacher.kind!r})")
@@ -194,22 +195,31 @@ def lpips_net(config) -> str:
     return net
 
 
+def frozen_networks(config) -> tuple[str, ...]:
+    """The frozen networks the train step runs: 'teacher' and 'lpips' unless their loss weight is 0 (a term
+    with weight 0 is left out of the step, so its weights are neither read nor placed on the devices)."""
+    return tuple(name for name, weight in (("teacher", config.loss.semantic_weight),
+                                           ("lpips", config.loss.lpips_weight)) if weight != 0)
+
+
 def load_frozen_params(config, parts: Parts) -> dict[str, Any]:
-    """{'teacher': pretrained teacher params, 'lpips': the LPIPS backbone + linear heads} (host arrays)."""
+    """{'teacher': pretrained teacher params, 'lpips': the LPIPS backbone + linear heads} (host arrays), for
+    the networks of :func:`frozen_networks`."""
     from tokenflow_jax.models.perceptual import load_lpips_params
 
-    return {"teacher": teacher_lib.load_teacher_params(config, parts.teacher_config),
-            "lpips": load_lpips_params(parts.lpips.net)}
+    loaders = {"teacher": lambda: teacher_lib.load_teacher_params(config, parts.teacher_config),
+               "lpips": lambda: load_lpips_params(parts.lpips.net)}
+    return {name: loaders[name]() for name in frozen_networks(config)}
 
 
-def abstract_frozen_params(parts: Parts) -> dict[str, Any]:
+def abstract_frozen_params(config, parts: Parts) -> dict[str, Any]:
     """The shapes of :func:`load_frozen_params`' tree without reading any weights (for AOT compiles)."""
     size = parts.model.config.image_size
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     key = prng.make_key(0)
-    teacher = jax.eval_shape(parts.teacher.init, key, image)["params"]
-    lpips = jax.eval_shape(parts.lpips.init, key, image, image)["params"]
-    return parallel.unbox_without_constraints({"teacher": teacher, "lpips": lpips})
+    inits = {"teacher": lambda: jax.eval_shape(parts.teacher.init, key, image)["params"],
+             "lpips": lambda: jax.eval_shape(parts.lpips.init, key, image, image)["params"]}
+    return parallel.unbox_without_constraints({name: inits[name]() for name in frozen_networks(config)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,36 +273,31 @@ def compile_parts(config) -> Parts:
     tokenizer's own semantic-encoder architecture as the teacher's (the configs use one tower for both: CLIP
     ViT-B/16 + its 512-d projection for b, SigLIP so400m up to hidden_states[-2] for xl). Compiles only."""
     from tokenflow_jax.convert.sources import WeightsNotFoundError
-    from tokenflow_jax.models.perceptual import LPIPS
 
     try:
         return build_parts(config)
     except WeightsNotFoundError as e:
         if config.teacher.kind not in ("clip", "siglip"):
             raise
-        model = tokenizer_lib.build(config)
         projection = int(config.model.semantic_out_dim) if config.teacher.kind == "clip" else 0
-        vit = dataclasses.replace(model.config.semantic_encoder, remat=False)
-        teacher_cfg = teacher_lib.TeacherConfig(config.teacher.kind, config.quantizer.scales[-1],
-                                                config.teacher.input_scaling, vit, projection)
+        vit = dataclasses.replace(tokenizer_lib.build(config).config.semantic_encoder, remat=False)
         logger.warning("teacher %s: its config is not readable here (%s); compiling with the semantic encoder's "
                        "architecture (%s, width %d, depth %d%s) as the teacher's", config.teacher.model, e,
                        vit.flavour, vit.width, vit.depth, f", projection {projection}" if projection else "")
-        return Parts(model=model, disc=disc_lib.PatchDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers),
-                     teacher=teacher_lib.SemanticTeacher(teacher_cfg), teacher_config=teacher_cfg,
-                     lpips=LPIPS(net=lpips_net(config)))
+        return build_parts(config, teacher_lib.TeacherConfig(config.teacher.kind, config.quantizer.scales[-1],
+                                                             config.teacher.input_scaling, vit, projection))
 
 
 def aot_programs(config, mesh, rules) -> list[common.Program]:
     """The train step on abstract inputs (``tokenflow-jax compile``): state, frozen weights, one global batch."""
     parts = compile_parts(config)
-    frozen = abstract_frozen_params(parts)
+    frozen = abstract_frozen_params(config, parts)
     step = build_step(config, parts, mesh, rules, frozen)
     size = parts.model.config.image_size
     batch = {"image": common.abstract_batch(mesh, (int(config.train.global_batch_size), size, size, 3),
                                             jnp.float32)}
-    args = (common.with_shardings(step.abstract_state, step.state_sh), common.with_shardings(frozen, step.frozen_sh),
-            batch)
+    args = (checkpoint.abstract_target(step.abstract_state, step.state_sh),
+            checkpoint.abstract_target(frozen, step.frozen_sh), batch)
     return [common.Program("train_step", step.step_fn, args, state_index=0)]
 
 
@@ -332,7 +337,7 @@ def make_train_step(config, parts: Parts, tx, dtx):
     # A term whose weight is zero in the config is not computed at all (its networks are the most expensive
     # part of a small tokenizer's step: the VGG16 teacher and LPIPS are ~80% of `tiny`'s). disc_weight == 0
     # also skips the discriminator's own update, so its parameters and statistics stay at their init.
-    use_lpips, use_teacher = loss_cfg.lpips_weight != 0, loss_cfg.semantic_weight != 0
+    use_teacher, use_lpips = ("teacher" in frozen_networks(config)), ("lpips" in frozen_networks(config))
     use_gan = loss_cfg.disc_weight != 0
 
     def generator_loss(params, state, frozen, images, key):
@@ -403,7 +408,7 @@ def make_train_step(config, parts: Parts, tx, dtx):
 def resume(ckpt: checkpoint.TrainCheckpointer, step: int, abstract_state: TrainState, state_sh: TrainState,
            data_iter) -> TrainState:
     """The state at ``step`` from the workdir's checkpoints, on this run's shardings."""
-    target = common.with_shardings(abstract_state, state_sh)
+    target = checkpoint.abstract_target(abstract_state, state_sh)
     variables, rest = ckpt.restore(step, {"params": target.params, "quantizer": target.quantizer},
                                    rest_of_state(target), data_iter)
     return TrainState(params=variables["params"], quantizer=variables["quantizer"], **rest)
@@ -414,7 +419,7 @@ def initialise(config, init_fn, abstract_state: TrainState, state_sh: TrainState
     state = init_fn(prng.make_key(config.seed))
     source = config.get("resume", "") or config.init.checkpoint
     if source:
-        target = common.with_shardings(
+        target = checkpoint.abstract_target(
             {"params": abstract_state.params, "quantizer": abstract_state.quantizer},
             {"params": state_sh.params, "quantizer": state_sh.quantizer},
         )

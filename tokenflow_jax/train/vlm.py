@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenflow_jax import checkpoint, parallel, prng, vlm_setup
+from tokenflow_jax import checkpoint, prng, vlm_setup
 from tokenflow_jax.models import vlm
 from tokenflow_jax.train import common, llm_init, optim
 
@@ -82,10 +82,7 @@ def train(config, workdir: str) -> dict[str, float]:
     ckpt = checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, use_async=tc.async_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
-        variables, rest = ckpt.restore(start, {"params": common.with_shardings(abstract_state.params, param_sh)},
-                                       common.with_shardings(rest_of_state(abstract_state), rest_of_state(state_sh)),
-                                       data_iter)
-        state = TrainState(step=rest["step"], params=variables["params"], opt_state=rest["opt_state"])
+        state = common.resume_state(ckpt, start, step, data_iter)
         logger.info("resumed from %s at step %d", ckpt.directory, start)
     else:
         state = jax.jit(step.init_state, out_shardings=state_sh)(prng.make_key(config.seed))
@@ -163,27 +160,16 @@ def aot_programs(config, mesh, rules) -> list[common.Program]:
 
     tok_config = t2i_setup.tokenizer_config(config)
     tok_model = tokenizer_lib.build(tok_config)
-    if int(config.model.llm.vocab_size):  # no text tokenizer download for the real variants
-        num_tokens, dim = vlm.feature_shape(tok_config, config.model.features)
-        from tokenflow_jax.models import transformer
-
-        model_cfg = vlm.VLMConfig(llm=transformer.TransformerConfig(**config.model.llm.to_dict()), feature_dim=dim,
-                                  num_image_tokens=num_tokens)
-    else:
-        model_cfg = vlm_setup.model_config(config, tok_config, vlm_setup.text_tokenizer(config))
-    model = vlm.VLM(model_cfg)
+    model = vlm.VLM(vlm_setup.model_config(config, tok_config))  # reads no text tokenizer for the real variants
     step = build_step(config, model, tok_model, mesh, rules)
-    tok_abstract = inference.abstract_variables(tok_model)  # outside the mesh, like build_step's key
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        tok_sh = parallel.shardings_from_abstract(tok_abstract, mesh, rules)
-    tok_vars = common.with_shardings(parallel.unbox_without_constraints(tok_abstract), tok_sh)
+    tok_vars = inference.abstract_tokenizer_variables(tok_model, mesh)
     g, length, size = (int(config.train.global_batch_size), int(config.data.max_length),
                        int(tok_config.model.image_size))
     batch = {"image": common.abstract_batch(mesh, (g, size, size, 3), jnp.float32),
              "input_ids": common.abstract_batch(mesh, (g, length), jnp.int32),
              "labels": common.abstract_batch(mesh, (g, length), jnp.int32),
              "attention_mask": common.abstract_batch(mesh, (g, length), jnp.int32)}
-    args = (common.with_shardings(step.abstract_state, step.state_sh), tok_vars, batch)
+    args = (checkpoint.abstract_target(step.abstract_state, step.state_sh), tok_vars, batch)
     return [common.Program("train_step", step.step_fn, args, state_index=0)]
 
 
