@@ -7,8 +7,8 @@ random weights, a fixed random batch, the adversarial term on (``disc_start=0``)
 
 Configs:
   tiny       ``configs/tokenizer.py:tiny`` (64 px, batch 8), the GAN on.
-  tiny-demo  the same model with the demo's loss recipe (``configs/demo.py``): the discriminator left out
-             (``disc_weight=0``), AlexNet LPIPS, the VGG16 teacher at stride 8 (relu4_3 at 64 px).
+  tiny-demo  the demo's recipe (``configs/demo.py``): the discriminator left out (``disc_weight=0``), AlexNet
+             LPIPS, the VGG16 teacher at stride 8 (relu4_3 at 64 px), the pixel CNNs at width 16.
   b-reduced  TokenFlow-B at 224 px with the full-width CNN branches and decoders, the semantic encoder cut
              to 4 of its 12 blocks, the offline VGG16 teacher instead of CLIP (no download; same 512 width).
 
@@ -37,11 +37,12 @@ from tokenflow_jax import prng  # noqa: E402
 from tokenflow_jax.train import optim  # noqa: E402
 from tokenflow_jax.train import tokenizer as trainer  # noqa: E402
 
+_DEMO = config_lib.load_config("configs/demo.py")
 CONFIGS: dict[str, tuple[str, list[str], int]] = {
     # name: (config spec, overrides, batch)
     "tiny": ("configs/tokenizer.py:tiny", [], 8),
-    # The demo's recipe (configs/demo.py): no discriminator, AlexNet LPIPS, the VGG16 teacher at stride 8.
-    "tiny-demo": ("configs/tokenizer.py:tiny", ["loss.disc_weight=0", "loss.lpips_net=alexnet", "teacher.stride=8"], 8),
+    # The demo's recipe, read from configs/demo.py (its tokenizer stage's config and overrides).
+    "tiny-demo": (_DEMO.tokenizer.config, [o.removeprefix("--config.") for o in _DEMO.tokenizer.overrides], 8),
     "b-reduced": ("configs/tokenizer.py:b", [
         "model.semantic_encoder.depth=4", "teacher.kind='vgg16'", "teacher.model=''",
         "teacher.input_scaling='imagenet'", "init.semantic_encoder=''",
