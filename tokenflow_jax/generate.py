@@ -71,8 +71,7 @@ def t2i_run_config(sample_config, checkpoint_dir: str):
     if meta.get("recipe") not in (None, "t2i"):
         raise ValueError(f"--checkpoint {checkpoint_dir!r} holds a {meta.get('recipe')!r} run, not a t2i model")
     spec = meta.get("config_spec") or sample_config.model_config
-    config = common.load_config(spec)
-    common.apply_overrides(config, list(meta.get("config_overrides", [])) if meta.get("config_spec") else [])
+    config = common.build_config(spec, list(meta.get("config_overrides", [])) if meta.get("config_spec") else [])
     if sample_config.get("tokenizer_checkpoint"):
         config.tokenizer.checkpoint = sample_config.tokenizer_checkpoint
     return config
@@ -120,9 +119,10 @@ def aot_programs(config, mesh, rules) -> list:
 
     t2i_config = config_lib.load_config(config.model_config)
     rules = tuple(tuple(r) for r in t2i_config.mesh.get("rules", parallel.DEFAULT_RULES))  # as Generator
-    model_cfg = t2i_setup.model_config(t2i_config, t2i_setup.tokenizer_config(t2i_config))
+    tok_config = t2i_setup.tokenizer_config(t2i_config)
+    model_cfg = t2i_setup.model_config(t2i_config, tok_config)
     model = t2i.NextScaleT2I(model_cfg)
-    tok_model = tokenizer_lib.build(t2i_setup.tokenizer_config(t2i_config))
+    tok_model = tokenizer_lib.build(tok_config)
     p, n = model_cfg.text_length, model_cfg.num_tokens
     shapes = ((1, p), jnp.int32), ((1, p), jnp.int32), ((1, n, model_cfg.code_dim), jnp.float32)
     key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it

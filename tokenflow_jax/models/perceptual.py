@@ -93,11 +93,6 @@ def load_lpips_params(net: str = "vgg16") -> dict[str, Any]:
     return params
 
 
-def load_lpips_vgg16_params() -> dict[str, Any]:
-    """``load_lpips_params("vgg16")``: the tree the VGG16 LPIPS and the VGG teacher use."""
-    return load_lpips_params("vgg16")
-
-
 class AlexNetFeatures(nn.Module):
     """torchvision AlexNet ``features`` up to relu5: the five LPIPS taps of an already-normalised [B, H, W, 3]
     input, [B, h1, w1, 64], [B, h2, w2, 192], [B, h3, w3, 384], [B, h3, w3, 256], [B, h3, w3, 256] with

@@ -105,9 +105,9 @@ def teacher_config(config) -> TeacherConfig:
 def load_teacher_params(config, teacher: TeacherConfig) -> Any:
     """Frozen teacher parameters as numpy trees (real pretrained weights)."""
     if teacher.kind == "vgg16":
-        from tokenflow_jax.models.perceptual import load_lpips_vgg16_params
+        from tokenflow_jax.models.perceptual import load_lpips_params
 
-        return {"vgg16": load_lpips_vgg16_params()["vgg16"]}
+        return {"vgg16": load_lpips_params("vgg16")["vgg16"]}
     from tokenflow_jax.convert import hf, sources
 
     state, _ = sources.load_hf_model(config.teacher.model)

@@ -337,7 +337,8 @@ def make_train_step(config, parts: Parts, tx, dtx):
     # A term whose weight is zero in the config is not computed at all (its networks are the most expensive
     # part of a small tokenizer's step: the VGG16 teacher and LPIPS are ~80% of `tiny`'s). disc_weight == 0
     # also skips the discriminator's own update, so its parameters and statistics stay at their init.
-    use_teacher, use_lpips = ("teacher" in frozen_networks(config)), ("lpips" in frozen_networks(config))
+    frozen_used = frozen_networks(config)
+    use_teacher, use_lpips = "teacher" in frozen_used, "lpips" in frozen_used
     use_gan = loss_cfg.disc_weight != 0
 
     def generator_loss(params, state, frozen, images, key):
