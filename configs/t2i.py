@@ -5,8 +5,14 @@ Variants (``configs/t2i.py:ARG``):
           shapes captions; a small word-level text tokenizer is built from the captions offline.
   1b      TinyLlama-1.1B shape (the paper's 1B row, Table 7): 22 layers, width 2048, GQA 32/4 heads.
   7b      Llama-2-7B shape with QK-norm, as the released ByteFlow-AI/TokenFlow-t2i: 32 layers, width 4096,
-          MHA 32 heads, the vocabulary extended by 32,768 <vq_token_i> + [PAD] (SPEC 5.1).
+          MHA 32 heads, the vocabulary extended by [PAD] (id 32000) then 32,768 <vq_token_i> (ids 32001..64768).
 The 1b and 7b variants use TokenFlow-B at 256 px (9 scales, 817 tokens) and Llama text tokens.
+
+Block order (``model.llm.block_order``, models/transformer.py): 1b and 7b use the released t2i decoder's
+``post_sublayer_norm`` (``h = x + norm(attn(x))``, ``out = h + norm(mlp(h))``), so the released weights load and
+reproduce, and a run initialised from Llama-2 trains the block the official recipe trains. ``tiny`` keeps the
+standard ``pre_norm``: it is trained from scratch (no released weights to match), and the demo's figures and
+its sizing were measured with it; ``--config.model.llm.block_order=post_sublayer_norm`` switches it.
 
 Options: ``head=separate|extended`` (default: extended for 7b as the reference, separate otherwise).
 
@@ -28,11 +34,12 @@ NEGATIVE_PROMPT = (
 LLAMA_VOCAB = 32000
 
 
-def llm(width, depth, heads, kv_heads, mlp, vocab, *, qk_norm, theta=1e4, eps=1e-5, max_positions=2048):
+def llm(width, depth, heads, kv_heads, mlp, vocab, *, qk_norm, block_order, theta=1e4, eps=1e-5,
+        max_positions=2048):
     return common.ConfigDict(dict(
         vocab_size=vocab, width=width, depth=depth, num_heads=heads, num_kv_heads=kv_heads, mlp_dim=mlp,
         rope_theta=theta, norm_eps=eps, qk_norm=qk_norm, qk_norm_eps=1e-6, qkv_bias=False,
-        tie_embeddings=False, max_positions=max_positions,
+        tie_embeddings=False, max_positions=max_positions, block_order=block_order,
         dtype="float32", param_dtype="float32", remat="none",
     ))
 
@@ -46,7 +53,7 @@ def get_config(arg=None):
     if arg.variant == "tiny":
         config.tokenizer = common.ConfigDict(dict(config="configs/tokenizer.py:tiny", overrides=[], checkpoint=""))
         # vocab_size 0: taken from the text tokenizer built from the shapes captions.
-        m.llm = llm(128, 4, 4, 2, 352, 0, qk_norm=True, max_positions=256)
+        m.llm = llm(128, 4, 4, 2, 352, 0, qk_norm=True, block_order="pre_norm", max_positions=256)
         m.text_length = 24
         head = arg.head or "separate"
         text = dict(tokenizer="builtin:shapes", uncond_prompt="")
@@ -56,12 +63,13 @@ def get_config(arg=None):
         config.tokenizer = common.ConfigDict(dict(config="configs/tokenizer.py:b,res=256,enhanced", overrides=[],
                                                    checkpoint=""))
         head = arg.head or ("extended" if arg.variant == "7b" else "separate")
-        vocab = LLAMA_VOCAB + (32768 + 1 if head == "extended" else 0)  # + <vq_token_i> and [PAD]
+        vocab = LLAMA_VOCAB + (1 + 32768 if head == "extended" else 0)  # + [PAD] and <vq_token_i>
+        official = dict(qk_norm=True, block_order="post_sublayer_norm")  # the released t2i decoder
         if arg.variant == "1b":
-            m.llm = llm(2048, 22, 32, 4, 5632, vocab, qk_norm=True)  # TinyLlama-1.1B
+            m.llm = llm(2048, 22, 32, 4, 5632, vocab, **official)  # TinyLlama-1.1B
             text_model = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
         else:
-            m.llm = llm(4096, 32, 32, 32, 11008, vocab, qk_norm=True)  # Llama-2-7B
+            m.llm = llm(4096, 32, 32, 32, 11008, vocab, **official)  # Llama-2-7B
             text_model = "meta-llama/Llama-2-7b-hf"
         m.llm.remat = "full"
         m.llm.dtype = "bfloat16"

@@ -80,7 +80,12 @@ def test_t2i_variants_build_with_the_reference_shapes():
     seven = built["7b"]
     assert (seven.llm.width, seven.llm.depth, seven.llm.num_kv_heads, seven.llm.mlp_dim) == (4096, 32, 32, 11008)
     # Text prefix: 128 caption tokens (BOS included) + tokens("<img>") (3 with the Llama tokenizer).
-    assert seven.llm.qk_norm and seven.image_token_start == 32000 and seven.text_length == 131
+    assert seven.llm.qk_norm and seven.text_length == 131
+    # The released vocabulary: [PAD] = 32000, <vq_token_0> = 32001 (the official train.py adds [PAD] first).
+    assert seven.image_token_start == 32001 and seven.llm.vocab_size - seven.codebook_size == 32001
+    # The released decoder normalises each sub-block's output; tiny keeps the standard pre-norm block.
+    assert seven.llm.block_order == built["1b"].llm.block_order == "post_sublayer_norm"
+    assert built["tiny"].llm.block_order == "pre_norm"
     assert abs(seven.llm.num_params() - 7.0e9) < 0.3e9
     tiny, tiny_tok = common.load_config("configs/t2i.py:tiny"), common.load_config("configs/tokenizer.py:tiny")
     with pytest.raises(ValueError, match="vocab_size is 0"):
@@ -97,6 +102,21 @@ def test_sample_configs_take_the_t2i_variants_sampling_defaults():
         assert config.sample.cfg_scale == cfg_scale and tuple(config.sample.top_k) == top_k
     assert common.load_config("configs/sample.py:7b").sample.uncond_prompt.startswith("lowres, bad anatomy")
     assert common.load_config("configs/sample.py:tiny,loops=1").sample.loops == 1
+
+
+def test_sampling_presets_are_the_papers_and_the_official_scripts():
+    # The paper's best strategy (Table 6; 25 model runs, Table 4) is the 1b / 7b default.
+    for variant in ("1b", "7b"):
+        s = common.load_config(f"configs/sample.py:{variant}").sample
+        assert (s.preset, s.cfg_scale, tuple(s.top_k), tuple(s.top_p)) == ("paper", 7.5, (1200, 100, 1), (0.8, 0.8, 0))
+    # t2i/scripts/run_t2i.sh: --cfg 7.5 --loop 1 -> one pass of top-k 600, top-p 0.6.
+    s = common.load_config("configs/sample.py:7b,preset=official_script").sample
+    assert (s.cfg_scale, tuple(s.top_k), tuple(s.top_p), s.loops) == (7.5, (600,), (0.6,), 0)
+    s = common.load_config("configs/sample.py:tiny,preset=official_script").sample
+    assert s.preset == "official_script" and tuple(s.top_k) == (600,)
+    assert common.load_config("configs/sample.py:tiny").sample.preset == ""
+    with pytest.raises(ValueError, match="unknown preset 'best'"):
+        common.load_config("configs/sample.py:7b,preset=best")
 
 
 def test_vlm_variants_have_the_reference_shapes_and_stages():

@@ -181,7 +181,8 @@ class Generator:
     def settings(self, schedule: sampling.SamplingSchedule | None = None) -> dict[str, Any]:
         s = self.config.sample
         schedule = schedule or self.schedule
-        return {"cfg_scale": float(s.cfg_scale), "top_k": list(schedule.top_k), "top_p": list(schedule.top_p),
+        return {"preset": s.get("preset", ""), "cfg_scale": float(s.cfg_scale), "top_k": list(schedule.top_k),
+                "top_p": list(schedule.top_p),
                 "uncond_prompt": s.uncond_prompt, "cached": bool(s.cached), "seed": int(self.config.seed),
                 "model": self.t2i_config.get("config_spec", "")}
 

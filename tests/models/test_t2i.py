@@ -148,16 +148,20 @@ def test_extended_head_is_the_vq_slice_of_the_lm_head_and_the_loss_normalises_ov
     assert float(t2i.image_loss(image, jnp.asarray(indices))) < float(loss)  # K-way softmax: smaller
 
 
-@pytest.mark.parametrize("head", ["separate", "extended"])
+@pytest.mark.parametrize("head, block_order", [
+    ("separate", "pre_norm"), ("extended", "pre_norm"),
+    ("extended", "post_sublayer_norm"),  # the released t2i decoder: extended vocabulary, post-sublayer norms
+])
 @pytest.mark.parametrize("top_k, top_p, cfg_scale", [
     ((20, 6, 1), (0.8, 0.8, 0.0), 3.0),
     ((1,), (0.0,), 1.5),
     ((1, 1, 1), (0.0, 0.0, 0.0), 0.0),  # greedy refinements: every pass's input must be exactly right
 ])
-def test_cached_sampler_equals_full_recompute(head, top_k, top_p, cfg_scale):
+def test_cached_sampler_equals_full_recompute(head, block_order, top_k, top_p, cfg_scale):
     # Scales up to 6, width 64, K = 1024: a refinement pass fed the previous pass's draft on top of the
     # current one (a bug this test once missed at width 32, scales up to 4, K = 48) changes codes here.
-    config = dataclasses.replace(tiny_config(head=head, width=64, mlp_dim=128), scales=(1, 2, 4, 6))
+    config = dataclasses.replace(tiny_config(head=head, width=64, mlp_dim=128, block_order=block_order),
+                                 scales=(1, 2, 4, 6))
     if head == "separate":
         config = dataclasses.replace(config, codebook_size=1024)
     # (Init-sized level/position tables: large ones would drown the image inputs these tests are about.)

@@ -5,6 +5,7 @@ HF parity of whole converted checkpoints lives in tests/convert/test_llm.py.
 """
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -17,6 +18,7 @@ from tests.numerics import rel_err
 from tokenflow_jax import parallel
 from tokenflow_jax.models.llm_layers import causal_mask, positions_from_padding, rms_norm
 from tokenflow_jax.models.transformer import (
+    BLOCK_ORDERS,
     Transformer,
     TransformerConfig,
     abstract_variables,
@@ -133,6 +135,82 @@ def test_qk_norm_gqa_biases_match_numpy_reference(params):
     assert rel_err(ours, reference_logits(params, CFG, ids, positions, mask, qk_norm=False), keep) > 1e-2
 
 
+def _torch_official_t2i_logits(params, cfg: TransformerConfig, embeds, positions, mask):
+    """Logits [B, L, V] of the released TokenFlow text-to-image decoder, float32 torch.
+
+    Written from ByteFlow-AI/TokenFlow ``t2i/llava_t2i/model/language_model/modeling_llama.py`` (transformers
+    4.43 ``LlamaDecoderLayer`` with the input norms commented out and each sub-block's output normalised before
+    the residual add) and ``llava_arch.QKNorm`` (RMSNorm(head_dim, eps 1e-6) on per-head q and k before RoPE,
+    cast to v's dtype), in HF's [B, heads, L, Dh] layout with ``nn.Linear`` weights [out, in].
+    """
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+
+    def t(a):
+        return torch.tensor(np.asarray(a, np.float32))
+
+    def rms(x, weight, eps):  # LlamaRMSNorm
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return weight * (x * torch.rsqrt(variance + eps))
+
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    b, length, d = embeds.shape
+    h, kv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.int64).float() / dh))
+    freqs = t(positions)[:, :, None] * inv_freq[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, L, Dh]
+    bias = torch.where(torch.tensor(np.asarray(mask))[:, None], 0.0, torch.finfo(torch.float32).min)
+    x = t(embeds)
+    for i in range(cfg.depth):
+        lay = jax.tree.map(lambda a, i=i: np.asarray(a)[i], params["layers"])
+        att = lay["self_attn"]
+
+        def linear_heads(name, heads, x=x, att=att):  # ours [D, N, Dh] -> nn.Linear weight [N * Dh, D]
+            weight = t(att[name]["kernel"].reshape(d, heads * dh).T)
+            return F.linear(x, weight, t(att[name]["bias"].reshape(-1)) if cfg.qkv_bias else None)
+
+        q = linear_heads("q_proj", h).view(b, length, h, dh).transpose(1, 2)
+        k = linear_heads("k_proj", kv).view(b, length, kv, dh).transpose(1, 2)
+        v = linear_heads("v_proj", kv).view(b, length, kv, dh).transpose(1, 2)
+        q = rms(q, t(att["q_norm"]["scale"]), cfg.qk_norm_eps).to(v)
+        k = rms(k, t(att["k_norm"]["scale"]), cfg.qk_norm_eps).to(v)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+        weights = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(dh) + bias, dim=-1, dtype=torch.float32)
+        out = (weights @ v).transpose(1, 2).reshape(b, length, h * dh)
+        o_weight = t(att["o_proj"]["kernel"].reshape(h * dh, d).T)
+        out = F.linear(out, o_weight, t(att["o_proj"]["bias"]) if cfg.o_bias else None)
+        x = x + rms(out, t(lay["input_layernorm"]["scale"]), cfg.norm_eps)  # residual + norm(attn(x))
+        mlp = {n: t(lay["mlp"][n]["kernel"].T) for n in ("gate_proj", "up_proj", "down_proj")}
+        hidden = F.linear(F.silu(F.linear(x, mlp["gate_proj"])) * F.linear(x, mlp["up_proj"]), mlp["down_proj"])
+        x = x + rms(hidden, t(lay["post_attention_layernorm"]["scale"]), cfg.norm_eps)  # residual + norm(mlp(x))
+    x = rms(x, t(params["norm"]["scale"]), cfg.norm_eps)
+    return F.linear(x, t(np.asarray(params["lm_head"]["kernel"]).T)).numpy()
+
+
+def test_post_sublayer_norm_matches_the_official_t2i_decoder_in_torch(params):
+    """block_order='post_sublayer_norm' = the released t2i decoder, on a block-causal mask over embeddings."""
+    cfg = dataclasses.replace(CFG, block_order="post_sublayer_norm", qkv_bias=False, o_bias=False)
+    p = random_params(cfg, seed=11)
+    _, prefix_padding = _padded_batch(length=5, pad=2)
+    mask = _block_causal(prefix_padding, (1, 2, 3))
+    batch, total = mask.shape[:2]
+    embeds = np.random.default_rng(3).standard_normal((batch, total, cfg.width)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(total), (batch, total))
+    ours = Transformer(cfg).apply({"params": p}, inputs_embeds=embeds, positions=positions, mask=mask)
+    ref = _torch_official_t2i_logits(p, cfg, embeds, positions, mask)
+    keep = np.concatenate([prefix_padding, np.ones((batch, total - prefix_padding.shape[1]), bool)], 1)
+    assert rel_err(ours, ref, keep) < MAX_REL_ERR
+    # The order matters: the same weights in the pre-norm order are far from the official decoder.
+    pre = Transformer(dataclasses.replace(cfg, block_order="pre_norm")).apply(
+        {"params": p}, inputs_embeds=embeds, positions=positions, mask=mask)
+    assert rel_err(pre, ref, keep) > 5e-2
+
+
 def test_inputs_embeds_bool_and_additive_masks_agree(params):
     model = Transformer(CFG)
     variables = {"params": params}
@@ -152,18 +230,20 @@ def test_inputs_embeds_bool_and_additive_masks_agree(params):
     assert hidden.shape == (2, ids.shape[1], CFG.width)
 
 
-def test_unrolled_and_remat_layers_are_the_same_function(params):
+@pytest.mark.parametrize("block_order", BLOCK_ORDERS)
+def test_unrolled_and_remat_layers_are_the_same_function(params, block_order):
     ids, _ = _padded_batch()
-    base = Transformer(CFG).apply({"params": params}, ids)
+    base_cfg = dataclasses.replace(CFG, block_order=block_order)
+    base = Transformer(base_cfg).apply({"params": params}, ids)
     for change in (dict(scan_layers=False), dict(remat="full"), dict(remat="dots")):
-        cfg = dataclasses.replace(CFG, **change)
+        cfg = dataclasses.replace(base_cfg, **change)
         np.testing.assert_allclose(Transformer(cfg).apply({"params": params}, ids), base, atol=2e-6, err_msg=change)
 
     def loss(p, cfg):
         return jnp.mean(Transformer(cfg).apply({"params": p}, ids) ** 2)
 
-    g_plain = jax.grad(loss)(params, CFG)
-    g_remat = jax.grad(loss)(params, dataclasses.replace(CFG, remat="full"))
+    g_plain = jax.grad(loss)(params, base_cfg)
+    g_remat = jax.grad(loss)(params, dataclasses.replace(base_cfg, remat="full"))
     for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
@@ -187,8 +267,10 @@ def test_tied_embeddings_and_bfloat16_compute():
 # KV cache
 
 
-def test_greedy_decode_with_cache_equals_full_recompute(params):
-    model = Transformer(CFG)
+@pytest.mark.parametrize("block_order", BLOCK_ORDERS)
+def test_greedy_decode_with_cache_equals_full_recompute(params, block_order):
+    cfg = dataclasses.replace(CFG, block_order=block_order)
+    model = Transformer(cfg)
     variables = {"params": params}
     prompt, padding = _padded_batch(length=7, pad=3, seed=5)
     batch, length, steps = prompt.shape[0], prompt.shape[1], 6
@@ -197,7 +279,7 @@ def test_greedy_decode_with_cache_equals_full_recompute(params):
         lambda v, c, ids, pos, valid: model.apply(v, c, ids, positions=pos, valid=valid, only_last=True,
                                                   method=model.extend)
     )
-    cache = init_cache(CFG, batch, length + steps)
+    cache = init_cache(cfg, batch, length + steps)
     positions = np.asarray(positions_from_padding(padding))
     logits, cache = extend(variables, cache, prompt, positions, padding)
     cached_tokens, cached_logits = [], []
@@ -240,9 +322,11 @@ def _block_causal(prefix_padding, scales):
     return mask[None] & valid[:, None, :]
 
 
-def test_block_recompute_at_an_offset_equals_full_forward(params):
+@pytest.mark.parametrize("block_order", BLOCK_ORDERS)
+def test_block_recompute_at_an_offset_equals_full_forward(params, block_order):
     """Prefix prefill, then scale blocks; a refinement pass overwrites one block's cache slots in place."""
-    model = Transformer(CFG)
+    cfg = dataclasses.replace(CFG, block_order=block_order)
+    model = Transformer(cfg)
     variables = {"params": params}
     rng = np.random.default_rng(7)
     _, prefix_padding = _padded_batch(length=5, pad=2)
@@ -263,7 +347,7 @@ def test_block_recompute_at_an_offset_equals_full_forward(params):
         rows = slice(start, start + size)
         return extend(variables, cache, inputs[:, rows], positions[:, rows], start, mask[:, rows])
 
-    cache = init_cache(CFG, batch, total)
+    cache = init_cache(cfg, batch, total)
     _, cache = run_block(cache, embeds, 0, prefix)
     reference = np.asarray(full(variables, embeds, mask))
     start = prefix
@@ -326,6 +410,7 @@ def test_sharded_prefill_and_decode_on_mesh222(params, mesh222):
         (dict(remat="some"), ["remat", "full"]),
         (dict(depth=0), ["depth", "positive"]),
         (dict(head_dim=7), ["head_dim", "even"]),
+        (dict(block_order="post"), ["block_order", "post_sublayer_norm"]),
     ],
 )
 def test_config_errors_name_the_field(change, words):

@@ -96,6 +96,34 @@ def vocab_size(tokenizer) -> int:
     return len(tokenizer)
 
 
+def image_code_token(index: int) -> str:
+    """The released t2i tokenizer's name of image code ``index`` (the official ``DEFAULT_VQ_TOKEN_TEMPLATE``)."""
+    return f"<vq_token_{index}>"
+
+
+def first_image_code_id(tokenizer) -> int | None:
+    """The id of ``<vq_token_0>`` when the tokenizer already holds the image codes (the released t2i folder's
+    tokenizer does), else None."""
+    token = image_code_token(0)
+    if token not in tokenizer.get_vocab():
+        return None
+    return int(tokenizer.convert_tokens_to_ids(token))
+
+
+def text_vocab_size(tokenizer) -> int:
+    """T, the number of text ids: ``len(tokenizer)``, or, for a tokenizer that already holds ``[PAD]`` and the
+    ``<vq_token_i>`` codes after its text ids (the released t2i tokenizer), the ids below that ``[PAD]``."""
+    first = first_image_code_id(tokenizer)
+    if first is None:
+        return vocab_size(tokenizer)
+    pad = tokenizer.get_vocab().get(PAD)
+    if pad != first - 1:
+        raise ValueError(f"text tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: {image_code_token(0)} has id "
+                         f"{first} but {PAD} has id {pad}; the t2i vocabulary layout needs [PAD] = T right before the "
+                         f"codes at T + 1")
+    return first - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedPrompts:
     ids: np.ndarray  # int32 [B, P], left-padded

@@ -25,6 +25,10 @@ Image-code head (``head``): ``'separate'``, a K-way linear head on the final hid
 ``'extended'``, the reference's vocabulary extended with K ``<vq_token_i>`` rows starting at
 ``image_token_start``: image logits are that slice of the LM head (equal to masking every other id to -inf
 before a softmax), while the training loss normalises over the whole vocabulary, as the reference does.
+The extended vocabulary is laid out as the released model's: the T text ids, then ``[PAD]`` (id T), then the
+K codes (ids T+1 .. T+K), so V = T + 1 + K and ``image_token_start`` = V - K (Llama-2: [PAD] = 32000,
+``<vq_token_0>`` = 32001, V = 64,769). The official training script adds ``[PAD]`` to the Llama tokenizer before
+the code tokens (ByteFlow-AI/TokenFlow ``t2i/llava_t2i/train/train.py``).
 """
 from __future__ import annotations
 
@@ -106,7 +110,7 @@ def t2i_config(config, tokenizer_config, vocab_size: int | None = None) -> T2ICo
         T2IConfig,
         dict(scales=tuple(q.scales), codebook_size=q.codebook_size, text_length=config.model.text_length,
              code_dim=q.semantic_dim + q.pixel_dim, head=head,
-             image_token_start=llm["vocab_size"] - q.codebook_size - 1 if head == "extended" else 0),
+             image_token_start=llm["vocab_size"] - q.codebook_size if head == "extended" else 0),
         "model",
         llm=to_dataclass(transformer.TransformerConfig, llm, "model.llm"),
     )

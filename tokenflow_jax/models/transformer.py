@@ -7,6 +7,14 @@ RMSNorm in float32 (``x * rsqrt(mean(x^2) + eps)``, cast back, times the weight)
 attention with float32 logits and softmax. With ``qk_norm`` each head's q and k go through an
 RMSNorm(head_dim) right after projection and BEFORE RoPE (TokenFlow-t2i's ``qknorm``, Qwen3's q/k_norm).
 
+Block order (``block_order``): ``'pre_norm'`` is HF Llama / Qwen2, ``x + attn(norm(x))`` then
+``h + mlp(norm(h))``. ``'post_sublayer_norm'`` is the released TokenFlow text-to-image decoder
+(ByteFlow-AI/TokenFlow ``t2i/llava_t2i/model/language_model/modeling_llama.py``, whose decoder layer comments
+out the input norms and normalises each sub-block's OUTPUT before the residual add): ``h = x + norm(attn(x))``,
+``out = h + norm(mlp(h))``. The two norms keep their HF names (``input_layernorm`` follows attention,
+``post_attention_layernorm`` follows the MLP), so the same checkpoint keys load into either order; the final
+``norm`` before the head is applied in both.
+
 Blocks run under ``nn.scan`` (``scan_layers=False`` unrolls the same scan, so the parameter layout never
 changes) and optionally ``nn.remat``; every block parameter has a leading [depth] axis named ``layers``.
 Parameter names (the converter's contract), D = width, H = num_heads, K = num_kv_heads, Dh = head_dim::
@@ -61,6 +69,7 @@ from tokenflow_jax.models.llm_layers import (
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+BLOCK_ORDERS = ("pre_norm", "post_sublayer_norm")
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
@@ -93,6 +102,7 @@ class TransformerConfig:
     o_bias: bool = False  # output projection bias (Llama with attention_bias only)
     qk_norm: bool = False  # RMSNorm(head_dim) on per-head q and k before RoPE
     qk_norm_eps: float = 1e-6  # TokenFlow-t2i: 1e-6; Qwen3: rms_norm_eps
+    block_order: str = "pre_norm"  # one of BLOCK_ORDERS (see the module docstring)
     tie_embeddings: bool = False  # lm_head shares embed_tokens (tie_word_embeddings)
     max_positions: int = 4096  # max_position_embeddings: the longest cache init_cache allows
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
@@ -130,6 +140,8 @@ class TransformerConfig:
                 raise ValueError(
                     f"TransformerConfig.{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}"
                 )
+        if self.block_order not in BLOCK_ORDERS:
+            raise ValueError(f"TransformerConfig.block_order must be one of {BLOCK_ORDERS}, got {self.block_order!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"TransformerConfig.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
 
@@ -283,7 +295,7 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block; scanned as ``((x, cache), cos, sin, bias) -> ((x, cache), None)``."""
+    """One block in ``config.block_order``; scanned as ``((x, cache), cos, sin, bias) -> ((x, cache), None)``."""
 
     config: TransformerConfig
 
@@ -292,12 +304,17 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         x, cache = carry
         norm = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        attn_norm = RMSNorm(cfg.norm_eps, name="input_layernorm", **norm)
+        mlp_norm = RMSNorm(cfg.norm_eps, name="post_attention_layernorm", **norm)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        h = RMSNorm(cfg.norm_eps, name="input_layernorm", **norm)(x)
-        h, cache = Attention(cfg, name="self_attn")(h, cos, sin, bias, cache)
-        x = x + h
-        h = RMSNorm(cfg.norm_eps, name="post_attention_layernorm", **norm)(x)
-        x = x + Mlp(cfg, name="mlp")(h)
+        if cfg.block_order == "pre_norm":
+            h, cache = Attention(cfg, name="self_attn")(attn_norm(x), cos, sin, bias, cache)
+            x = x + h
+            x = x + Mlp(cfg, name="mlp")(mlp_norm(x))
+        else:  # post_sublayer_norm: each sub-block's output is normalised before the residual add
+            h, cache = Attention(cfg, name="self_attn")(x, cos, sin, bias, cache)
+            x = x + attn_norm(h)
+            x = x + mlp_norm(Mlp(cfg, name="mlp")(x))
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         return (x, cache), None
 
