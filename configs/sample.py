@@ -26,7 +26,6 @@ FILE: one prompt per line (``.txt``), or JSON lines with a ``prompt`` field (``.
 from configs import common
 from configs import t2i as t2i_configs
 
-
 PRESETS = {
     "paper": dict(cfg_scale=7.5, top_k=(1200, 100, 1), top_p=(0.8, 0.8, 0.0)),
     "official_script": dict(cfg_scale=7.5, top_k=(600,), top_p=(0.6,)),
