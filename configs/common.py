@@ -107,6 +107,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise KeyError(_unknown(path, node))
         value = _literal(raw)
+        if value is None and isinstance(node[leaf], str):
+            value = raw  # 'none' stays a word for string fields (remat=none, a variant named 'none')
         with node.ignore_type():
             node[leaf] = _coerce(path, node[leaf], value)
     return config

@@ -12,7 +12,9 @@
     tokenflow-jax eval-vqa --checkpoint DIR/checkpoints [--data builtin | questions.jsonl]
     tokenflow-jax convert --from official --checkpoint FILE.pt --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax convert --from hf --model ID_OR_PATH --config configs/tokenizer.py:xl --out DIR
-    tokenflow-jax export --checkpoint DIR --out tokenflow.pt
+    tokenflow-jax convert --from official-t2i --model RELEASED_DIR --config configs/t2i.py:7b --out DIR
+    tokenflow-jax convert --from official-vlm --model RELEASED_DIR --config configs/vlm.py:qwen14b --out DIR
+    tokenflow-jax export --checkpoint DIR --out tokenflow.pt        (t2i / VLM checkpoints: --out FOLDER)
     tokenflow-jax compile --config configs/t2i.py:7b --topology v5p-256     (AOT for a TPU slice, on any CPU machine)
     tokenflow-jax demo --workdir DIR       (the whole system on built-in data, ~18 min on 2 CPU cores)
 
@@ -128,14 +130,23 @@ def cmd_convert(args, overrides) -> int:
             raise SystemExit("error: --from official needs --checkpoint FILE.pt")
         return convert_run.from_official(config, args.checkpoint, args.out)
     if not args.model:
-        raise SystemExit("error: --from hf needs --model HUB_ID_OR_PATH")
-    return convert_run.from_hf(config, args.model, args.out)
+        raise SystemExit(f"error: --from {args.source} needs --model "
+                         + ("HUB_ID_OR_PATH" if args.source == "hf" else "RELEASED_MODEL_DIR"))
+    convert = {"hf": convert_run.from_hf, "official-t2i": convert_run.from_official_t2i,
+               "official-vlm": convert_run.from_official_vlm}[args.source]
+    return convert(config, args.model, args.out)
 
 
 def cmd_export(args, overrides) -> int:
     from tokenflow_jax.convert import run as convert_run
 
     config = _load_config(args.config, overrides, args.checkpoint)
+    recipe = config.get("recipe", "tokenizer")
+    if recipe in ("t2i", "vlm"):
+        export = convert_run.to_official_t2i if recipe == "t2i" else convert_run.to_official_vlm
+        return export(config, args.checkpoint, args.out, args.dtype)
+    if args.dtype:
+        raise SystemExit("error: --dtype applies to t2i and VLM exports; the tokenizer keeps its float32 weights")
     return convert_run.to_official(config, args.checkpoint, args.out)
 
 
@@ -228,18 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON output (default CHECKPOINT/vqa_eval.json)")
     p.set_defaults(fn=cmd_eval_vqa)
 
-    p = sub.add_parser("convert", help="import official TokenFlow .pt or HF CLIP/SigLIP weights into a checkpoint")
-    p.add_argument("--from", dest="source", choices=("official", "hf"), required=True)
-    p.add_argument("--config", required=True, help="tokenizer config FILE:ARG the weights belong to")
+    p = sub.add_parser("convert", help="import released TokenFlow models (tokenizer .pt, t2i, VLM) or HF "
+                                       "CLIP/SigLIP weights into a checkpoint")
+    p.add_argument("--from", dest="source", choices=("official", "official-t2i", "official-vlm", "hf"),
+                   required=True, help="official: a tokenizer .pt; official-t2i / official-vlm: a released "
+                                       "text-to-image / understanding folder; hf: a CLIP/SigLIP vision tower")
+    p.add_argument("--config", required=True, help="config FILE:ARG the weights belong to (configs/tokenizer.py:xl, "
+                                                   "configs/t2i.py:7b, configs/vlm.py:qwen14b)")
     p.add_argument("--checkpoint", help="official .pt / .safetensors file (--from official)")
-    p.add_argument("--model", help="HF hub id or local directory of a CLIP/SigLIP vision model (--from hf)")
+    p.add_argument("--model", help="local directory (or hub id) of the released folder (--from official-t2i / "
+                                   "official-vlm) or of a CLIP/SigLIP vision model (--from hf)")
     p.add_argument("--out", required=True, help="output orbax checkpoint directory")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("export", help="write a checkpoint's tokenizer in the official TokenFlow .pt layout")
+    p = sub.add_parser("export", help="write a checkpoint in its official layout: a tokenizer .pt, or a t2i / VLM "
+                                      "folder (config.json, safetensors, tokenizer files)")
     p.add_argument("--checkpoint", required=True, help="orbax checkpoint directory")
     p.add_argument("--config", help="config FILE:ARG (default: the checkpoint's)")
-    p.add_argument("--out", required=True, help="output .pt or .safetensors file")
+    p.add_argument("--out", required=True, help="output .pt or .safetensors file (tokenizer) or folder (t2i, VLM)")
+    p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16", "float16"),
+                   help="t2i / VLM weights' dtype (default: the parameters' own)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("demo", help="the whole system on built-in data (~18 min on 2 CPU cores): tokenizer, t2i and "

@@ -5,7 +5,6 @@ HF parity of whole converted checkpoints lives in tests/convert/test_llm.py.
 """
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from tests import official_t2i_reference
 from tests.numerics import rel_err
 from tokenflow_jax import parallel
 from tokenflow_jax.models.llm_layers import causal_mask, positions_from_padding, rms_norm
@@ -135,61 +135,28 @@ def test_qk_norm_gqa_biases_match_numpy_reference(params):
     assert rel_err(ours, reference_logits(params, CFG, ids, positions, mask, qk_norm=False), keep) > 1e-2
 
 
-def _torch_official_t2i_logits(params, cfg: TransformerConfig, embeds, positions, mask):
-    """Logits [B, L, V] of the released TokenFlow text-to-image decoder, float32 torch.
+def _official_state(params, cfg: TransformerConfig):
+    """Our decoder params -> the released t2i model's torch state dict (HF names, nn.Linear weights [out, in])."""
+    import torch
 
-    Written from ByteFlow-AI/TokenFlow ``t2i/llava_t2i/model/language_model/modeling_llama.py`` (transformers
-    4.43 ``LlamaDecoderLayer`` with the input norms commented out and each sub-block's output normalised before
-    the residual add) and ``llava_arch.QKNorm`` (RMSNorm(head_dim, eps 1e-6) on per-head q and k before RoPE,
-    cast to v's dtype), in HF's [B, heads, L, Dh] layout with ``nn.Linear`` weights [out, in].
-    """
-    torch = pytest.importorskip("torch")
-    F = torch.nn.functional
-
-    def t(a):
-        return torch.tensor(np.asarray(a, np.float32))
-
-    def rms(x, weight, eps):  # LlamaRMSNorm
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        return weight * (x * torch.rsqrt(variance + eps))
-
-    def rotate_half(x):
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    b, length, d = embeds.shape
-    h, kv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.int64).float() / dh))
-    freqs = t(positions)[:, :, None] * inv_freq[None, None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, L, Dh]
-    bias = torch.where(torch.tensor(np.asarray(mask))[:, None], 0.0, torch.finfo(torch.float32).min)
-    x = t(embeds)
+    d, dh = cfg.width, cfg.head_dim
+    t = lambda a: torch.tensor(np.ascontiguousarray(np.asarray(a, np.float32)))  # noqa: E731
+    state = {"model.norm.weight": t(params["norm"]["scale"]),
+             "lm_head.weight": t(np.asarray(params["lm_head"]["kernel"]).T)}
     for i in range(cfg.depth):
         lay = jax.tree.map(lambda a, i=i: np.asarray(a)[i], params["layers"])
-        att = lay["self_attn"]
-
-        def linear_heads(name, heads, x=x, att=att):  # ours [D, N, Dh] -> nn.Linear weight [N * Dh, D]
-            weight = t(att[name]["kernel"].reshape(d, heads * dh).T)
-            return F.linear(x, weight, t(att[name]["bias"].reshape(-1)) if cfg.qkv_bias else None)
-
-        q = linear_heads("q_proj", h).view(b, length, h, dh).transpose(1, 2)
-        k = linear_heads("k_proj", kv).view(b, length, kv, dh).transpose(1, 2)
-        v = linear_heads("v_proj", kv).view(b, length, kv, dh).transpose(1, 2)
-        q = rms(q, t(att["q_norm"]["scale"]), cfg.qk_norm_eps).to(v)
-        k = rms(k, t(att["k_norm"]["scale"]), cfg.qk_norm_eps).to(v)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-        weights = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(dh) + bias, dim=-1, dtype=torch.float32)
-        out = (weights @ v).transpose(1, 2).reshape(b, length, h * dh)
-        o_weight = t(att["o_proj"]["kernel"].reshape(h * dh, d).T)
-        out = F.linear(out, o_weight, t(att["o_proj"]["bias"]) if cfg.o_bias else None)
-        x = x + rms(out, t(lay["input_layernorm"]["scale"]), cfg.norm_eps)  # residual + norm(attn(x))
-        mlp = {n: t(lay["mlp"][n]["kernel"].T) for n in ("gate_proj", "up_proj", "down_proj")}
-        hidden = F.linear(F.silu(F.linear(x, mlp["gate_proj"])) * F.linear(x, mlp["up_proj"]), mlp["down_proj"])
-        x = x + rms(hidden, t(lay["post_attention_layernorm"]["scale"]), cfg.norm_eps)  # residual + norm(mlp(x))
-    x = rms(x, t(params["norm"]["scale"]), cfg.norm_eps)
-    return F.linear(x, t(np.asarray(params["lm_head"]["kernel"]).T)).numpy()
+        att, p = lay["self_attn"], f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj"):  # [D, N, Dh] -> [N * Dh, D]
+            state[p + f"self_attn.{name}.weight"] = t(att[name]["kernel"].reshape(d, -1).T)
+        state[p + "self_attn.o_proj.weight"] = t(att["o_proj"]["kernel"].reshape(-1, d).T)  # [H, Dh, D] -> [D, H*Dh]
+        state[p + "self_attn.qknorm.query_norm.weight"] = t(att["q_norm"]["scale"])
+        state[p + "self_attn.qknorm.key_norm.weight"] = t(att["k_norm"]["scale"])
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            state[p + f"mlp.{name}.weight"] = t(lay["mlp"][name]["kernel"].T)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            state[p + f"{name}.weight"] = t(lay[name]["scale"])
+    assert dh * cfg.num_heads == d
+    return state
 
 
 def test_post_sublayer_norm_matches_the_official_t2i_decoder_in_torch(params):
@@ -202,7 +169,11 @@ def test_post_sublayer_norm_matches_the_official_t2i_decoder_in_torch(params):
     embeds = np.random.default_rng(3).standard_normal((batch, total, cfg.width)).astype(np.float32)
     positions = np.broadcast_to(np.arange(total), (batch, total))
     ours = Transformer(cfg).apply({"params": p}, inputs_embeds=embeds, positions=positions, mask=mask)
-    ref = _torch_official_t2i_logits(p, cfg, embeds, positions, mask)
+    torch = pytest.importorskip("torch")
+    ref = official_t2i_reference.decoder_logits(
+        _official_state(p, cfg), heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, eps=cfg.norm_eps,
+        theta=cfg.rope_theta, embeds=torch.tensor(embeds), positions=torch.tensor(positions),
+        mask=torch.tensor(mask)).numpy()
     keep = np.concatenate([prefix_padding, np.ones((batch, total - prefix_padding.shape[1]), bool)], 1)
     assert rel_err(ours, ref, keep) < MAX_REL_ERR
     # The order matters: the same weights in the pre-norm order are far from the official decoder.

@@ -209,6 +209,48 @@ def _expected_keys(plan: Mapping[tuple[str, ...], _Source], depth: int) -> dict[
     return out
 
 
+def expected_keys(config: TransformerConfig, *, hf_vocab_size: int | None = None,
+                  prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+    """HF key -> shape of every tensor an HF checkpoint of ``Transformer(config)`` holds (``hf_vocab_size``
+    rows of ``embed_tokens`` / ``lm_head``, default ``config.vocab_size``)."""
+    hf_vocab_size = config.vocab_size if hf_vocab_size is None else hf_vocab_size
+    return _expected_keys(_plan(config, hf_vocab_size, prefix), config.depth)
+
+
+def check_keys(tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], *, ignore: Sequence[str] = (),
+               what: str, model: str) -> None:
+    """One ConversionError listing every missing key, unexpected key (not matching an ``ignore`` regex) and
+    shape mismatch (expected vs found) of ``tensors`` against ``expected``; nothing is read but shapes.
+
+    ``model`` describes the target in the message's first line (e.g. the decoder's dimensions)."""
+    patterns = [re.compile(p) for p in (*ALWAYS_IGNORED, *ignore)]
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [
+        f"{k} {tuple(tensors[k].shape)}"
+        for k in sorted(tensors)
+        if k not in expected and not any(p.search(k) for p in patterns)
+    ]
+    mismatched = [
+        f"{k}: expected {tuple(expected[k])}, found {tuple(tensors[k].shape)}"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"{what}: the checkpoint does not fit the model ({model})"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                parts.append(f"{title} ({len(items)}):\n" + "\n".join(f"  {x}" for x in items))
+        raise ConversionError("\n".join(parts))
+
+
+def describe(config: TransformerConfig) -> str:
+    """The decoder's dimensions, for error messages."""
+    return (f"vocab {config.vocab_size}, width {config.width}, depth {config.depth}, heads {config.num_heads}/"
+            f"{config.num_kv_heads} x {config.head_dim}, mlp {config.mlp_dim}, qkv_bias {config.qkv_bias}, "
+            f"o_bias {config.o_bias}, qk_norm {config.qk_norm}, tied {config.tie_embeddings}")
+
+
 def _check_source(
     tensors: Mapping[str, Any],
     plan: Mapping[tuple[str, ...], _Source],
@@ -217,31 +259,22 @@ def _check_source(
     what: str,
 ) -> None:
     """One ConversionError listing every missing key, unexpected key and shape mismatch."""
-    expected = _expected_keys(plan, config.depth)
-    patterns = [re.compile(p) for p in (*ALWAYS_IGNORED, *ignore)]
+    ignore = list(ignore)
     if config.tie_embeddings:  # some tied checkpoints also save the (identical) head
-        patterns.append(re.compile(r"^lm_head\.weight$"))
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [
-        f"{k} {tuple(tensors[k].shape)}"
-        for k in sorted(tensors)
-        if k not in expected and not any(p.search(k) for p in patterns)
-    ]
-    mismatched = [
-        f"{k}: expected {expected[k]}, found {tuple(tensors[k].shape)}"
-        for k in expected
-        if k in tensors and tuple(tensors[k].shape) != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        shape = (f"vocab {config.vocab_size}, width {config.width}, depth {config.depth}, heads {config.num_heads}/"
-                 f"{config.num_kv_heads} x {config.head_dim}, mlp {config.mlp_dim}, qkv_bias {config.qkv_bias}, "
-                 f"o_bias {config.o_bias}, qk_norm {config.qk_norm}, tied {config.tie_embeddings}")
-        parts = [f"{what}: the checkpoint does not fit the model ({shape})"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
-            if items:
-                parts.append(f"{title} ({len(items)}):\n" + "\n".join(f"  {x}" for x in items))
-        raise ConversionError("\n".join(parts))
+        ignore.append(r"^lm_head\.weight$")
+    check_keys(tensors, _expected_keys(plan, config.depth), ignore=ignore, what=what, model=describe(config))
+
+
+# Fields of TransformerConfig that an HF config.json fixes (the rest are run settings: dtype, remat, ...).
+ARCHITECTURE_FIELDS = ("width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "rope_theta",
+                       "norm_eps", "qkv_bias", "o_bias", "tie_embeddings")
+
+
+def architecture_differences(ours: TransformerConfig, theirs: TransformerConfig, field_prefix: str = "model.llm",
+                             fields: Sequence[str] = ARCHITECTURE_FIELDS) -> list[str]:
+    """``['model.llm.depth: config 3, checkpoint 2', ...]`` for every architecture field that differs."""
+    return [f"{field_prefix}.{f}: config {getattr(ours, f)!r}, checkpoint {getattr(theirs, f)!r}"
+            for f in fields if getattr(ours, f) != getattr(theirs, f)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,6 +437,67 @@ def convert(
         for path, leaf in flat_abstract.items()
     }
     return traverse_util.unflatten_dict(flat)
+
+
+def _to_hf_layout(ours: np.ndarray, kind: str) -> np.ndarray:
+    """One (per-layer) parameter of ours -> the HF tensor (the inverse of :func:`_read_block`)."""
+    if kind in ("copy", "vocab_rows"):
+        return ours
+    if kind in ("linear", "vocab_cols"):  # ours [in, out] -> theirs [out, in]
+        return ours.T
+    if kind == "heads_in":  # ours [D, N, Dh] -> theirs [N * Dh, D]
+        return ours.reshape(ours.shape[0], -1).T
+    if kind == "heads_bias":  # ours [N, Dh] -> theirs [N * Dh]
+        return ours.reshape(-1)
+    if kind == "heads_out":  # ours [H, Dh, D] -> theirs [D, H * Dh]
+        return ours.reshape(-1, ours.shape[-1]).T
+    raise AssertionError(f"unknown layout kind {kind!r}")
+
+
+def to_hf(params: Params, config: TransformerConfig, *, prefix: str = "model.", dtype: Any = None
+          ) -> dict[str, np.ndarray]:
+    """Params of ``Transformer(config)`` -> an HF Llama / Qwen2 state dict (``{key: numpy array}``, C order).
+
+    The exact inverse of :func:`convert` (no vocabulary change): ``convert(to_hf(p), config)`` == p bit for bit.
+    ``dtype`` casts floating tensors (e.g. ``ml_dtypes.bfloat16``); default: the parameters' own dtype.
+    """
+    plan = _plan(config, config.vocab_size, prefix)
+    flat = traverse_util.flatten_dict(params)
+    check_tree_matches(traverse_util.unflatten_dict({p: flat[p] for p in plan if p in flat}),
+                       traverse_util.unflatten_dict({
+                           p: jax.ShapeDtypeStruct(((config.depth,) if s.layered else ()) + s.ours, np.float32)
+                           for p, s in plan.items()}))
+    out: dict[str, np.ndarray] = {}
+    for path, src in plan.items():
+        value = np.asarray(jax.device_get(flat[path]))
+        if dtype is not None:
+            value = value.astype(dtype)
+        if src.layered:
+            for i in range(config.depth):
+                out[src.key.format(i=i)] = np.ascontiguousarray(_to_hf_layout(value[i], src.kind))
+        else:
+            out[src.key] = np.ascontiguousarray(_to_hf_layout(value, src.kind))
+    return out
+
+
+def hf_config_dict(config: TransformerConfig, model_type: str, **extra: Any) -> dict[str, Any]:
+    """An HF ``config.json`` dict for ``config`` (the inverse of :func:`config_from_hf`) plus ``extra`` fields."""
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(f"hf_config_dict: model_type {model_type!r} is not one of {tuple(FAMILIES)}")
+    out = dict(
+        model_type=model_type, vocab_size=config.vocab_size, hidden_size=config.width,
+        num_hidden_layers=config.depth, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, intermediate_size=config.mlp_dim,
+        hidden_act="silu", rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.max_positions,
+        rope_scaling=None,
+    )
+    if family == "llama":
+        out["attention_bias"] = config.o_bias
+        out["mlp_bias"] = False
+    out.update(extra)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,10 +18,6 @@ from tokenflow_jax.train import common
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURE_FIELDS = ("width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "rope_theta",
-                       "norm_eps", "qkv_bias", "o_bias", "tie_embeddings")
-
-
 def init_from_hf(config, ours: TransformerConfig, params: Any, mesh, rules) -> Any:
     """``params`` with ``params['llm']`` replaced by the weights of ``config.model.init`` (placed directly
     into their shardings on ``mesh``); everything else (projector, heads, embeddings) is kept."""
@@ -30,8 +26,7 @@ def init_from_hf(config, ours: TransformerConfig, params: Any, mesh, rules) -> A
 
     source = config.model.init
     theirs = convert_llm.config_from_hf(sources.read_config(sources.resolve_model_dir(source)))
-    diffs = [f"model.llm.{f}: config {getattr(ours, f)!r}, checkpoint {getattr(theirs, f)!r}"
-             for f in ARCHITECTURE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
+    diffs = convert_llm.architecture_differences(ours, theirs)
     if diffs:
         raise ValueError(f"config.model.init={source!r} does not have the configured decoder shape:\n  "
                          + "\n  ".join(diffs))
