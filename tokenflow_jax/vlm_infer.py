@@ -135,10 +135,12 @@ def _sharded(x: np.ndarray, mesh) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def chat(config, checkpoint_dir: str, image_path: str, prompt: str, out=sys.stdout) -> int:
-    """``tokenflow-jax chat``: streams the answer to ``prompt`` about the image at ``image_path``."""
+def chat(config, checkpoint_dir: str, image_path: str, prompt: str, out=None) -> int:
+    """``tokenflow-jax chat``: streams the answer to ``prompt`` about the image at ``image_path`` to ``out``
+    (default: the current ``sys.stdout``, looked up at call time)."""
     from tokenflow_jax.data import images as image_io
 
+    out = sys.stdout if out is None else out
     image = np.asarray(image_io.read_image(image_path))
     vqa = VqaModel.load(config, checkpoint_dir)
     for piece in vqa.stream(image, prompt):
