@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
     "msgpack==1.2.4",  # the ArrayRecord record format (never pickle)
     "pillow==13.0.0",
     "tqdm==4.70.1",
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
 ]
 
 EXTRAS = {

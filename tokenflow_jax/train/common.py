@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -14,11 +13,11 @@ from typing import Any
 import flax.struct
 import jax
 import numpy as np
+import tensorboardX
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from tokenflow_jax import checkpoint
-from tokenflow_jax.train.tensorboard import EventWriter
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class MetricsWriter:
                                "to %s on this host (set TOKENFLOW_LOGDIR to change)", workdir, self.logdir)
             os.makedirs(self.logdir, exist_ok=True)
             self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a")
-            self._tb = EventWriter(os.path.join(self.logdir, "tensorboard"))
+            self._tb = tensorboardX.SummaryWriter(os.path.join(self.logdir, "tensorboard"), flush_secs=30)
 
     def drop_after(self, step: int) -> None:
         """Removes JSON lines of steps after ``step``: a run resumed from the checkpoint at ``step`` (or
@@ -97,23 +96,22 @@ class MetricsWriter:
         record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        self._tb.scalars(step, {k: v for k, v in record.items() if k not in ("step", "time")})
+        for tag, value in record.items():
+            if tag not in ("step", "time"):
+                self._tb.add_scalar(tag, value, step)
         self._tb.flush()
 
     def image(self, step: int, tag: str, array: np.ndarray, path: str | None = None) -> None:
         """uint8 [H, W, 3] image to TensorBoard and optionally a PNG file."""
         if not self.enabled:
             return
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        self._tb.image(step, tag, buffer.getvalue(), array.shape[0], array.shape[1])
+        self._tb.add_image(tag, array, step, dataformats="HWC")
         self._tb.flush()
         if path:
             if self.logdir != self.workdir and path.startswith(self.workdir):
                 path = self.logdir + path[len(self.workdir):]
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(buffer.getvalue())
+            Image.fromarray(array).save(path, format="PNG")
 
     def close(self) -> None:
         if self.enabled:
