@@ -52,6 +52,7 @@ import numpy as np
 from flax import traverse_util
 
 from tokenflow_jax import prng
+from tokenflow_jax.convert import sources
 from tokenflow_jax.convert.hf import ConversionError, _resolve_prefix, conv_kernel, linear_kernel, tree_mismatches
 from tokenflow_jax.models import quantizer as quantizer_lib
 from tokenflow_jax.models import tokenizer
@@ -620,20 +621,11 @@ def _pick_state_dict(obj: Any, path: str) -> Mapping[str, Any]:
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
-
+    """Every tensor of a .safetensors file through the project's one reader (floats as float32, bf16 too)."""
     try:
-        from safetensors.numpy import load_file
-
-        return load_file(path)
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy lacks: go through torch
-        try:
-            with safe_open(path, framework="pt") as f:
-                return {k: _torch_to_numpy(k, f.get_tensor(k), path) for k in f.keys()}
-        except Exception as e2:
-            raise ValueError(f"{path}: could not read safetensors file: {e}; {e2}") from e2
+        return dict(sources.iter_tensors(path))
+    except sources.WeightsNotFoundError as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
 def load_official_state_dict(path: str | os.PathLike) -> StateDict:

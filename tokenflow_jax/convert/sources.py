@@ -115,12 +115,18 @@ def memmap_safetensors(path: str) -> dict[str, np.ndarray]:
     except (OSError, ValueError) as e:
         raise WeightsNotFoundError(f"cannot read safetensors file {path!r}: {e}") from None
     out = {}
+    available = os.path.getsize(path) - 8 - header_len
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(info, dict) or "dtype" not in info or "data_offsets" not in info:
+            raise WeightsNotFoundError(f"cannot read safetensors file {path!r}: malformed header entry {name!r}")
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise WeightsNotFoundError(f"{path!r}: tensor {name} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
+        if end > available:
+            raise WeightsNotFoundError(f"safetensors file {path!r} is truncated: tensor {name} ends at byte {end} of "
+                                       f"the data, which holds {available}")
         dtype = _SAFETENSORS_DTYPES[info["dtype"]]
         if buffer is None or begin == end:
             out[name] = np.zeros(info["shape"], dtype)
