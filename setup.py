@@ -29,13 +29,17 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
+    "etils[epath]==1.15.0",  # local and gs:// paths
+    "ml_dtypes==0.6.0",  # bfloat16 weight files
+    "scipy==1.17.1",  # FID's matrix square root, ShapesEval's connected components
+    "scikit-image==0.26.0",  # the built-in sample photos of `reconstruct --images builtin`
 ]
 
 EXTRAS = {
     # torch must already be installed as 2.13.0+cpu; the pin here keeps pip from upgrading it.
     # jax[tpu] brings libtpu, which also compiles for TPU topologies on CPU machines (`tokenflow-jax compile`
     # and tests/test_compile.py, which skip without it).
-    "test": ["pytest==9.2.0", "scikit-image==0.26.0", "torch==2.13.0", "ruff==0.17.6", "portpicker==1.6.0",
+    "test": ["pytest==9.2.0", "torch==2.13.0", "ruff==0.17.6", "portpicker==1.6.0",
              "jax[tpu]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
     "gpu": ["jax[cuda12]==0.10.2"],

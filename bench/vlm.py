@@ -7,7 +7,7 @@ layers), random weights, float32:
 
   * prefill: one forward over a batch of B prompts of P tokens (image placeholders included) filling the
     cache; tokens/s = B P / time;
-  * decode, cached: ``models/vlm_generate.Generator.batch`` generating N new tokens per row (one prefill +
+  * decode, cached: ``models/vlm_generate.AnswerDecoder.batch`` generating N new tokens per row (one prefill +
     N cached steps, stop ids disabled); decode tokens/s counts only the new tokens, after the prefill;
   * decode, no cache: ``full_recompute`` (every new token re-runs the whole sequence), same tokens;
   * train step (tiny only by default): forward + backward + Adam of the whole model with the frozen tokenizer
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from tokenflow_jax.models import transformer, vlm  # noqa: E402
-from tokenflow_jax.models.vlm_generate import Generator, full_recompute  # noqa: E402
+from tokenflow_jax.models.vlm_generate import AnswerDecoder, full_recompute  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(llm=dict(vocab_size=120, width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=352,
@@ -76,7 +76,7 @@ def bench_decode(name: str, batch: int, new_tokens: int, repeats: int, with_full
     params = jax.jit(lambda k: nn.unbox(model.init(k, ids[:, :8], features))["params"])(jax.random.key(0))
     row: dict[str, Any] = {"config": name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
                            "params_M": cfg.llm.num_params() / 1e6}
-    gen = Generator(model, max_new_tokens=new_tokens, stop_ids=[], pad_id=0)
+    gen = AnswerDecoder(model, max_new_tokens=new_tokens, stop_ids=[], pad_id=0)
     prefill = jax.jit(gen._prefill_fn)
     t_prefill = common.time_fn(prefill, params, ids, mask, features, warmup=1, repeats=repeats)
     row["prefill_s"] = t_prefill.median

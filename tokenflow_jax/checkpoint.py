@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tokenflow_jax.utils import trees
+
 logger = logging.getLogger(__name__)
 
 
@@ -87,28 +89,10 @@ def _require_step(directory: str, step: int | None) -> int:
     return step
 
 
-def path_key_name(k: Any) -> str:
-    """One path entry as orbax names it: dict keys, attribute (NamedTuple field) names, list indices."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(path_key_name(k) for k in path): leaf for path, leaf in leaves}
-
-
 def tree_differences(stored: Any, target: Any) -> list[str]:
-    """Human-readable differences between two trees of things with ``.shape`` (and ``.dtype``)."""
-    a, b = _flat(stored), _flat(target)
-    problems = [f"missing in checkpoint: {k} (expected shape {tuple(b[k].shape)})" for k in sorted(set(b) - set(a))]
-    problems += [f"unexpected in checkpoint: {k} (shape {tuple(a[k].shape)})" for k in sorted(set(a) - set(b))]
-    for k in sorted(set(a) & set(b)):
-        if tuple(a[k].shape) != tuple(b[k].shape):
-            problems.append(f"shape mismatch at {k}: checkpoint {tuple(a[k].shape)}, model {tuple(b[k].shape)}")
-    return problems
+    """``'path: what'`` for every leaf the checkpoint (``stored``) lacks, has in excess or holds in another shape
+    than the model (``target``)."""
+    return [f"{path}: {what}" for path, what in trees.shape_differences(stored, target)]
 
 
 def restore_variables(directory: str, target: Any, step: int | None = None) -> Any:
@@ -235,11 +219,11 @@ def restore_variables_partially(directory: str, target: Any, skip: tuple[str, ..
     from flax import traverse_util
 
     step = _require_step(directory, step)
-    stored = _flat(getattr(_manager(directory).item_metadata(step)[VARIABLES], "tree", None) or {})
+    stored = trees.flat_shapes(getattr(_manager(directory).item_metadata(step)[VARIABLES], "tree", None) or {})
     skip_re = [re.compile(p) for p in skip]
     flat_target = traverse_util.flatten_dict(target, sep="/")
     keep = {k: v for k, v in flat_target.items()
-            if k in stored and tuple(stored[k].shape) == tuple(v.shape) and not any(r.search(k) for r in skip_re)}
+            if k in stored and stored[k] == tuple(v.shape) and not any(r.search(k) for r in skip_re)}
     missing = sorted(set(flat_target) - set(keep))
     if not keep:
         return {}, missing

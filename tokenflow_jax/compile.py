@@ -193,7 +193,7 @@ def compile_config(config, tpu) -> dict[str, Any]:
     start = time.time()
     devices = topology.devices(tpu)
     mesh = topology_mesh(config.mesh, devices, tpu.num_slices)
-    rules = tuple(tuple(r) for r in config.mesh.get("rules", parallel.DEFAULT_RULES))
+    rules = parallel.rules_from_config(config.mesh)
     report: dict[str, Any] = {
         "config": config.get("config_spec", ""), "overrides": list(config.get("config_overrides", [])),
         "topology": tpu.name, "libtpu_topology": tpu.topology_name, "num_slices": tpu.num_slices,

@@ -163,13 +163,13 @@ def stage_shapes_eval(demo, workdir: str) -> dict[str, Any]:
     from PIL import Image
 
     from tokenflow_jax.eval import generation_eval, shapes_eval
-    from tokenflow_jax.generate import Generator, clipped, local_rows
+    from tokenflow_jax.generate import ImageGenerator, clipped, local_rows
     from tokenflow_jax.ops import sampling
     from tokenflow_jax.train.common import image_grid
 
     s = demo.shapes_eval
     config = config_lib.build_config(s.config, [*s.overrides, f"--config.seed={demo.seed}"])
-    generator = Generator(config, os.path.join(workdir, "t2i", "checkpoints"))
+    generator = ImageGenerator(config, os.path.join(workdir, "t2i", "checkpoints"))
     results = generation_eval.evaluate(generator, int(s.num_per_category), list(s.loops), seed=demo.seed)
     print(generation_eval.format_table(results))
     # Held-out prompts (a seed the evaluation does not use), `per_prompt` samples each, the last strategy.

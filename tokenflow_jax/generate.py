@@ -9,7 +9,7 @@ sample j) run in global batches of ``config.batch_size`` sharded over the mesh's
 each process encodes, decodes and writes only its own rows (and its own ``manifest.P#####.jsonl``,
 merged into ``manifest.jsonl`` at the end). Image (i, j) is drawn with the key fold_in(fold_in(seed, i), j),
 so it is the same image whatever batch it lands in, and re-running the command skips every batch whose
-images all exist. The :class:`Generator` is the reusable core (ShapesEval uses it in memory).
+images all exist. The :class:`ImageGenerator` is the reusable core (ShapesEval uses it in memory).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from PIL import Image
 from tokenflow_jax import checkpoint, inference, parallel, prng, t2i_setup
 from tokenflow_jax.models import t2i, t2i_sampler
 from tokenflow_jax.ops import sampling
+from tokenflow_jax.utils import batching
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def aot_programs(config, mesh, rules) -> list:
     from tokenflow_jax.train import common
 
     t2i_config = config_lib.load_config(config.model_config)
-    rules = tuple(tuple(r) for r in t2i_config.mesh.get("rules", parallel.DEFAULT_RULES))  # as Generator
+    rules = parallel.rules_from_config(t2i_config.mesh)  # as ImageGenerator
     tok_config = t2i_setup.tokenizer_config(t2i_config)
     model_cfg = t2i_setup.model_config(t2i_config, tok_config)
     model = t2i.NextScaleT2I(model_cfg)
@@ -145,14 +146,14 @@ def aot_programs(config, mesh, rules) -> list:
     return [common.Program("sample", fn, (params, tok_vars, codebook, batch), rules=rules)]
 
 
-class Generator:
+class ImageGenerator:
     """A restored t2i model + its tokenizer, sampling and decoding batches of prompts on a mesh."""
 
     def __init__(self, sample_config, checkpoint_dir: str, mesh=None):
         self.config = sample_config
         self.t2i_config = t2i_run_config(sample_config, checkpoint_dir)
         self.mesh = mesh or parallel.mesh_from_config(sample_config.mesh)
-        self.rules = tuple(tuple(r) for r in self.t2i_config.mesh.get("rules", parallel.DEFAULT_RULES))
+        self.rules = parallel.rules_from_config(self.t2i_config.mesh)
         tok_config = t2i_setup.tokenizer_config(self.t2i_config)
         self.text_tokenizer, self.encoder = t2i_setup.text_parts(self.t2i_config)
         model_cfg = t2i_setup.model_config(self.t2i_config, tok_config, self.text_tokenizer)
@@ -239,14 +240,14 @@ def run(config, checkpoint_dir: str, prompts_file: str, out_dir: str, per_prompt
     if config.per_prompt < 1:
         raise ValueError(f"--per-prompt must be >= 1, got {config.per_prompt}")
     prompts = read_prompts(prompts_file)
-    generator = Generator(config, checkpoint_dir)
+    generator = ImageGenerator(config, checkpoint_dir)
     process, count = jax.process_index(), jax.process_count()
     global_batch = int(config.batch_size)
     local = pipeline.local_batch_size(global_batch, count)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(config.per_prompt)]
     num_real = len(jobs)
-    num_batches = -(-len(jobs) // global_batch)
-    jobs += [jobs[-1]] * (num_batches * global_batch - len(jobs))  # padding rows: computed, never written
+    jobs = batching.pad_rows(jobs, batching.round_up(len(jobs), global_batch))  # padding: computed, never written
+    num_batches = len(jobs) // global_batch
     image_dir, grid_dir = os.path.join(out_dir, "images"), os.path.join(out_dir, "grids")
     os.makedirs(image_dir, exist_ok=True)
 

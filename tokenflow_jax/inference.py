@@ -84,7 +84,7 @@ def encode_decode_fn(model: tokenizer.TokenFlow):
 
 def encode_indices_fn(model: tokenizer.TokenFlow):
     """jitted (variables, images [B, H, W, 3] in [-1, 1]) -> token indices [B, N] int32 (eval mode)."""
-    return jax.jit(lambda variables, images: model.apply(variables, images, method=tokenizer.TokenFlow.encode)[2])
+    return jax.jit(lambda variables, images: model.apply(variables, images, method=tokenizer.TokenFlow.encode).indices)
 
 
 def decode_indices_fn(model: tokenizer.TokenFlow):

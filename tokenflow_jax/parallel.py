@@ -95,6 +95,11 @@ def make_mesh(
     return Mesh(device_array, tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
 
 
+def rules_from_config(mesh_config) -> tuple[tuple[str, Any], ...]:
+    """The logical-axis rules of a run: ``mesh.rules`` when the config sets them, else :data:`DEFAULT_RULES`."""
+    return tuple(tuple(r) for r in mesh_config.get("rules", DEFAULT_RULES))
+
+
 def mesh_from_config(mesh_config) -> Mesh:
     """The mesh of ``config.mesh``: ``shape``, ``axes`` and optionally ``num_devices`` (0 = all devices;
     N = the first N, e.g. a one-device debugging run on a multi-device host)."""

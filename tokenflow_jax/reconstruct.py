@@ -19,6 +19,7 @@ from PIL import Image
 from tokenflow_jax import inference
 from tokenflow_jax.data import images as image_io
 from tokenflow_jax.eval.metrics import psnr
+from tokenflow_jax.utils import batching
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -67,8 +68,7 @@ def run(config, image_specs: Sequence[str], out_dir: str, checkpoint_dir: str | 
     for i in range(0, len(crops), batch_size):
         chunk = crops[i : i + batch_size]
         batch = np.stack([image_io.uint8_to_model(c) for _, c in chunk])
-        pad = batch_size - len(chunk)  # keep one compiled shape
-        batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)]) if pad else batch
+        batch = batching.pad_rows(batch, batch_size)  # keep one compiled shape
         recon, indices = encode_decode(variables, batch)
         recon = image_io.model_to_uint8(np.asarray(recon))
         for (name, crop), out, idx in zip(chunk, recon, np.asarray(indices)):

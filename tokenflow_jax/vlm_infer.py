@@ -27,8 +27,9 @@ from jax.experimental import multihost_utils
 
 from tokenflow_jax import checkpoint, parallel, prng, vlm_setup
 from tokenflow_jax.models import vlm
-from tokenflow_jax.models.vlm_generate import Generator
+from tokenflow_jax.models.vlm_generate import AnswerDecoder
 from tokenflow_jax.train import common
+from tokenflow_jax.utils import batching
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class VqaModel:
     tok_model: Any
     tok_vars: Any
     tokenizer: Any
-    generator: Generator
+    generator: AnswerDecoder
     mesh: Any
     image_size: int
     encode: Any  # jitted (tokenizer variables, images [B, S, S, 3]) -> features [B, T, C]
@@ -64,7 +65,7 @@ class VqaModel:
         g = config.generate
         from tokenflow_jax.data import conversation
 
-        generator = Generator(model, max_new_tokens=int(g.max_new_tokens),
+        generator = AnswerDecoder(model, max_new_tokens=int(g.max_new_tokens),
                               stop_ids=conversation.stop_ids(tokenizer, config.text.template),
                               pad_id=int(tokenizer.pad_token_id), temperature=float(g.temperature),
                               top_k=int(g.top_k), top_p=float(g.top_p))
@@ -103,7 +104,7 @@ class VqaModel:
         """Greedy (or configured) answers for a batch (padded by repetition to divide over the data axes)."""
         n = len(questions)
         ways = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")]))
-        rows = list(range(n)) + [n - 1] * (-n % ways)
+        rows = batching.pad_rows(list(range(n)), batching.round_up(n, ways))
         pixels = np.stack([self.preprocess(np.asarray(images[i])) for i in rows])
         ids, mask = self.prompts([questions[i] for i in rows])
         with jax.set_mesh(self.mesh):

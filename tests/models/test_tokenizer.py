@@ -70,7 +70,7 @@ def test_straight_through_gradient_reaches_both_encoders(tiny):
 
 def test_sharded_encode_decode_on_mesh_matches_single_device(tiny, mesh222):
     config, model, variables, x = tiny
-    encode_decode = lambda v, x: model.apply(v, x)[:2] + (model.apply(v, x)[4],)  # noqa: E731
+    encode_decode = lambda v, x: (lambda r: (r.semantic, r.image, r.indices))(model.apply(v, x))  # noqa: E731
     ref_sem, ref_img, ref_idx = jax.jit(encode_decode)(variables, x)
     with jax.set_mesh(mesh222), nn.logical_axis_rules(parallel.DEFAULT_RULES):
         abstract = jax.eval_shape(model.init, prng.make_key(0), x)

@@ -10,7 +10,7 @@ from configs import common
 from tests.numerics import rel_err
 from tokenflow_jax import inference
 from tokenflow_jax.models import transformer, vlm
-from tokenflow_jax.models.vlm_generate import Generator, full_recompute
+from tokenflow_jax.models.vlm_generate import AnswerDecoder, full_recompute
 
 LLM = transformer.TransformerConfig(vocab_size=50, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
                                     max_positions=64)
@@ -111,7 +111,7 @@ def test_cached_generation_equals_full_recompute_with_left_padding(params):
     model = vlm.VLM(CFG)
     steps = 6
     ref = full_recompute(model, params, prompt, mask, features, steps)
-    gen = Generator(model, max_new_tokens=steps, stop_ids=[], pad_id=0)
+    gen = AnswerDecoder(model, max_new_tokens=steps, stop_ids=[], pad_id=0)
     tokens, lengths = gen.batch(params, prompt, mask, features)
     np.testing.assert_array_equal(np.asarray(tokens), ref)
     np.testing.assert_array_equal(np.asarray(lengths), [steps, steps])
@@ -122,7 +122,7 @@ def test_cached_generation_equals_full_recompute_with_left_padding(params):
     # Streaming row 0 gives the same tokens; a stop id ends a row and is not returned.
     np.testing.assert_array_equal(list(gen.stream(params, prompt[:1], mask[:1], features[:1])), ref[0])
     stop = int(ref[1, 2])
-    stopped, lengths = Generator(model, max_new_tokens=steps, stop_ids=[stop], pad_id=-1).batch(
+    stopped, lengths = AnswerDecoder(model, max_new_tokens=steps, stop_ids=[stop], pad_id=-1).batch(
         params, prompt, mask, features)
     first = [list(r).index(stop) if stop in r else steps for r in ref]
     for b in range(2):

@@ -92,6 +92,20 @@ def test_ema_update():
     np.testing.assert_allclose(out["w"], [0.9 * 1 + 0.1 * 3, 0.9 * 2 - 0.1 * 2], rtol=1e-6)
 
 
+def test_update_metrics_read_trained_parameters_only():
+    """l2_grads / l2_params / l2_updates with labels cover the 'train' leaves alone (stage 2's frozen towers
+    would otherwise dominate and keep their gradients in the compiled step)."""
+    params = {"encoder": {"w": jnp.full((3,), 2.0)}, "decoder": {"w": jnp.full((4,), 1.0, jnp.bfloat16)}}
+    grads = {"encoder": {"w": jnp.full((3,), 10.0)}, "decoder": {"w": jnp.full((4,), 0.5, jnp.bfloat16)}}
+    labels = optim.path_labels(params, trainable=("^decoder/",))
+    metrics = optim.update_metrics("", grads, params, grads, labels)
+    np.testing.assert_allclose(float(metrics["l2_grads"]), 1.0)  # sqrt(4 * 0.25)
+    np.testing.assert_allclose(float(metrics["l2_params"]), 2.0)
+    everything = optim.update_metrics("", grads, params, grads)
+    np.testing.assert_allclose(float(everything["l2_grads"]), np.sqrt(300 + 1.0), rtol=1e-6)
+    assert float(optim.l2_norm({})) == 0.0
+
+
 def test_cosine_schedule_with_warmup_and_bad_settings():
     sched = optim.learning_rate_schedule(adam_config(schedule="cosine", warmup_steps=10, decay_steps=110,
                                                      min_lr_ratio=0.1))

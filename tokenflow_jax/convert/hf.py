@@ -26,16 +26,16 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from tokenflow_jax.models.vit import VisionTransformer, ViTConfig
+from tokenflow_jax.utils import trees
 
 logger = logging.getLogger(__name__)
 
@@ -95,32 +95,15 @@ def _rows(part: int, of: int, then: Callable[[np.ndarray], np.ndarray]) -> Calla
 # Tree checks
 
 
-def _path_str(path: Iterable[Any]) -> str:
-    return "/".join(str(p) for p in path)
-
-
-def _shape_tree(tree: Any) -> dict[Path, tuple[int, ...]]:
+def _unwrapped(tree: Any) -> Any:
     tree = nn.unbox(tree)
-    if isinstance(tree, Mapping) and set(tree) == {"params"}:
-        tree = tree["params"]
-    flat = traverse_util.flatten_dict(tree)
-    return {tuple(str(k) for k in path): tuple(np.shape(leaf)) for path, leaf in flat.items()}
+    return tree["params"] if isinstance(tree, Mapping) and set(tree) == {"params"} else tree
 
 
 def tree_mismatches(params: Any, abstract_params: Any) -> list[tuple[str, str]]:
-    """(path, description) for every missing, unexpected or wrongly shaped leaf, in path order."""
-    found = _shape_tree(params)
-    expected = _shape_tree(abstract_params)
-    problems = []
-    for path in sorted(set(found) | set(expected)):
-        name = _path_str(path)
-        if path not in found:
-            problems.append((name, f"missing (expected shape {expected[path]})"))
-        elif path not in expected:
-            problems.append((name, f"unexpected (found shape {found[path]})"))
-        elif found[path] != expected[path]:
-            problems.append((name, f"expected shape {expected[path]}, found {found[path]}"))
-    return problems
+    """(path, description) for every missing, unexpected or wrongly shaped leaf, in path order (a
+    ``{'params': ...}`` wrapper on either side is looked through)."""
+    return trees.shape_differences(_unwrapped(params), _unwrapped(abstract_params))
 
 
 def check_tree_matches(params: Any, abstract_params: Any) -> None:

@@ -423,7 +423,7 @@ def tokenize_dataset(config, checkpoint_dir: str | None, data_config, out_dir: s
     if batches:
         model, variables, mesh, rules = tokenizer_eval.tokenizer_on_mesh(config, checkpoint_dir,
                                                                           seed=int(config.get("seed", 0)))
-        encode = jax.jit(lambda v, x: model.apply(v, x, method="encode")[2],
+        encode = jax.jit(lambda v, x: model.apply(v, x, method="encode").indices,
                          out_shardings=parallel.data_sharding(mesh, 2))
         stream = tokenizer_eval.sharded_eval_batches(data_config, mesh, batch_size, config.seed, keys=("image",),
                                                      batches=batches)

@@ -27,8 +27,9 @@ import numpy as np
 from tokenflow_jax.data import images as image_io
 from tokenflow_jax.data import shapes
 from tokenflow_jax.eval import shapes_eval
-from tokenflow_jax.generate import Generator, clipped, local_rows
+from tokenflow_jax.generate import ImageGenerator, clipped, local_rows
 from tokenflow_jax.ops import sampling
+from tokenflow_jax.utils import batching
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ def _in_batches(generator, texts: list[str], schedule, desc: str = "sample") -> 
     bar = progress_bar(0, len(texts), jax.process_index() == 0, desc, unit="img")
     for start in range(0, len(texts), batch):
         chunk = texts[start : start + batch]
-        pad = batch - len(chunk)
-        rows = chunk + [chunk[-1]] * pad
+        rows = batching.pad_rows(chunk, batch)
         index = list(range(start, start + batch))
         _, images, _ = generator.sample(rows, index, [0] * batch, schedule)
         out.append(local_rows(images)[: len(chunk)])
@@ -117,7 +117,7 @@ def format_table(results: dict[str, Any]) -> str:
 def run(config, checkpoint_dir: str, num_per_category: int, loops: list[int], out_file: str | None) -> int:
     import jax
 
-    generator = Generator(config, checkpoint_dir)
+    generator = ImageGenerator(config, checkpoint_dir)
     results = evaluate(generator, num_per_category, loops, seed=int(config.seed))
     print(format_table(results))
     out_file = out_file or os.path.join(checkpoint_dir, "shapes_eval.json")

@@ -48,7 +48,7 @@ def tokenizer_on_mesh(config, checkpoint_dir: str | None, seed: int = 0) -> tupl
     """The tokenizer of ``config`` on ``config.mesh``: (model, variables sharded over the mesh, mesh,
     logical-axis rules). Without ``checkpoint_dir`` the weights are random (seed ``seed``, with a warning)."""
     mesh = parallel.mesh_from_config(config.mesh)
-    rules = tuple(tuple(r) for r in config.mesh.get("rules", parallel.DEFAULT_RULES))
+    rules = parallel.rules_from_config(config.mesh)
     model, variables = inference.load_tokenizer(config, checkpoint_dir, mesh=mesh, seed=seed)
     return model, variables, mesh, rules
 

@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from tokenflow_jax.utils import batching
+
 logger = logging.getLogger(__name__)
 
 
@@ -103,7 +105,7 @@ def evaluate(vqa, questions: Sequence[dict[str, Any]], batch_size: int, progress
     bar = progress_bar(0, len(questions), progress and jax.process_index() == 0, "eval-vqa", unit="question")
     for start in range(0, len(questions), batch_size):
         chunk = list(questions[start : start + batch_size])
-        rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        rows = batching.pad_rows(chunk, batch_size)
         out = vqa.answer([q["image"] for q in rows], [q["question"] for q in rows])
         answers += out[: len(chunk)]
         bar.update(len(chunk))

@@ -81,6 +81,24 @@ class EncodeAux(NamedTuple):
     pixel_latent: jax.Array  # [B, h, w, 8] before quantisation
 
 
+class Encoded(NamedTuple):
+    """What ``TokenFlow.encode`` returns."""
+
+    features: jax.Array  # F [B, h, w, 40]: the sum over scales of the upsampled unit-norm code vectors
+    aux: EncodeAux
+    indices: jax.Array  # [B, sum s_k^2] int32, scale by scale, row-major inside a scale
+
+
+class Reconstruction(NamedTuple):
+    """What ``TokenFlow.__call__`` (encode, then decode) returns."""
+
+    semantic: jax.Array  # [B, h*w, semantic_out_dim]: the semantic decoder's features (the teacher's target)
+    image: jax.Array  # [B, H, W, 3] in about [-1, 1]
+    features: jax.Array  # F [B, h, w, 40]
+    aux: EncodeAux
+    indices: jax.Array  # [B, sum s_k^2] int32
+
+
 class TaskLayer(nn.Module):
     """Linear(D, D) -> tanh -> Linear(D, out) with trunc-normal(0.02) weights, zero biases."""
 
@@ -125,8 +143,8 @@ class TokenFlow(nn.Module):
         if x.ndim != 4 or x.shape[1:] != (size, size, 3):
             raise ValueError(f"TokenFlow expects images [B, {size}, {size}, 3] in [-1, 1], got shape {x.shape}")
 
-    def encode(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, EncodeAux, jax.Array]:
-        """x [B, H, W, 3] -> (F [B, h, w, 40], aux, indices [B, sum s_k^2] int32)."""
+    def encode(self, x: jax.Array, *, train: bool = False) -> Encoded:
+        """x [B, H, W, 3] -> ``Encoded(features F [B, h, w, 40], aux, indices [B, sum s_k^2] int32)``."""
         self._check_image(x)
         cfg = self.config
         b, grid = x.shape[0], cfg.grid
@@ -139,7 +157,7 @@ class TokenFlow(nn.Module):
         pixel = self.quant_conv(self.pixel_encoder(pixel_in))
         h = jnp.concatenate([semantic.astype(jnp.float32), pixel.astype(jnp.float32)], axis=-1)
         features, quant_aux, indices = self.quantizer(h, train=train)
-        return features, EncodeAux(quant_aux, semantic, pixel), indices
+        return Encoded(features, EncodeAux(quant_aux, semantic, pixel), indices)
 
     def decode(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
         """F [B, h, w, 40] -> (semantic [B, h*w, semantic_out_dim], image [B, H, W, 3])."""
@@ -155,11 +173,11 @@ class TokenFlow(nn.Module):
         """indices [B, L] for any prefix of the scales -> decode() of their accumulated map."""
         return self.decode(self.quantizer.decode_indices(indices))
 
-    def __call__(self, x: jax.Array, *, train: bool = False):
-        """Encode then decode: returns (semantic, image, F, aux, indices)."""
-        features, aux, indices = self.encode(x, train=train)
-        semantic, image = self.decode(features)
-        return semantic, image, features, aux, indices
+    def __call__(self, x: jax.Array, *, train: bool = False) -> Reconstruction:
+        """Encode then decode: ``Reconstruction(semantic, image, features, aux, indices)``."""
+        encoded = self.encode(x, train=train)
+        semantic, image = self.decode(encoded.features)
+        return Reconstruction(semantic, image, encoded.features, encoded.aux, encoded.indices)
 
 
 def tokenflow_config(config) -> TokenFlowConfig:

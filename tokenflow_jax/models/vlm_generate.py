@@ -1,6 +1,6 @@
 """Answer generation for the understanding model: KV-cached prefill + decode, batched or streamed.
 
-    gen = Generator(model, max_new_tokens=32, stop_ids=[2])
+    gen = AnswerDecoder(model, max_new_tokens=32, stop_ids=[2])
     tokens, lengths = gen.batch(params, prompt_ids, prompt_mask, features)      # one jitted call
     for token in gen.stream(params, prompt_ids, prompt_mask, features): ...    # one row, token by token
 
@@ -27,7 +27,10 @@ from tokenflow_jax.models.vlm import VLM
 from tokenflow_jax.ops import sampling
 
 
-class Generator:
+class AnswerDecoder:
+    """Decodes the VLM's answers token by token with a KV cache: ``batch`` (padded rows, all at once) and
+    ``stream`` (one answer, yielded as it is decoded); greedy or temperature / top-k / top-p sampling."""
+
     def __init__(self, model: VLM, *, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int = 0,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0):
         if max_new_tokens < 1:

@@ -14,10 +14,12 @@ import flax.struct
 import jax
 import numpy as np
 import tensorboardX
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from tokenflow_jax import checkpoint
+from tokenflow_jax.utils import trees
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +59,8 @@ def local_logdir(workdir: str) -> str:
 
 
 def make_workdir(workdir: str) -> None:
-    """Creates a local workdir (a remote one needs nothing: orbax creates its checkpoint folders)."""
-    if "://" not in workdir:
-        os.makedirs(workdir, exist_ok=True)
+    """Creates the workdir, local or remote (``gs://...`` through ``etils.epath``, the path library orbax uses)."""
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
 
 class MetricsWriter:
@@ -160,13 +161,13 @@ def optimizer_state_shardings(abstract_opt_state: Any, param_shardings: Any, mes
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     by_path = {
-        tuple(checkpoint.path_key_name(k) for k in path): sharding
+        tuple(trees.path_key_name(k) for k in path): sharding
         for path, sharding in jax.tree_util.tree_flatten_with_path(
             param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
     }
 
     def pick(path, leaf):
-        keys = tuple(checkpoint.path_key_name(k) for k in path)
+        keys = tuple(trees.path_key_name(k) for k in path)
         for start in range(len(keys)):
             sharding = by_path.get(keys[start:])
             if sharding is not None and len(sharding.spec) <= len(leaf.shape):
@@ -181,7 +182,7 @@ def mesh_and_rules(config):
     from tokenflow_jax import parallel
 
     mesh = parallel.mesh_from_config(config.mesh)
-    rules = tuple(tuple(r) for r in config.mesh.get("rules", parallel.DEFAULT_RULES))
+    rules = parallel.rules_from_config(config.mesh)
     logger.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     return mesh, rules
 

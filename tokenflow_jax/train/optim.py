@@ -82,14 +82,20 @@ def make_optimizer(cfg, params: Any, trainable: Sequence[str] = (), frozen: Sequ
 
 
 def l2_norm(tree: Any) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.zeros(())
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+    """``optax.global_norm`` of ``tree`` accumulated in float32 (bf16 leaves included); 0 for an empty tree."""
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def update_metrics(prefix: str, grads: Any, params: Any, updates: Any) -> dict[str, jax.Array]:
-    """big_vision's l2_grads / l2_params / l2_updates for one parameter group."""
+def trained_only(tree: Any, labels: Any) -> Any:
+    """The leaves of ``tree`` whose label (:func:`path_labels`) is 'train'; frozen ones become None (dropped)."""
+    return jax.tree.map(lambda x, label: x if label == "train" else None, tree, labels)
+
+
+def update_metrics(prefix: str, grads: Any, params: Any, updates: Any, labels: Any = None) -> dict[str, jax.Array]:
+    """big_vision's l2_grads / l2_params / l2_updates for one parameter group, over its trained parameters only
+    when ``labels`` are given (frozen gradients are never read, so XLA can leave them out of the program)."""
+    if labels is not None:
+        grads, params, updates = (trained_only(t, labels) for t in (grads, params, updates))
     return {
         f"{prefix}l2_grads": l2_norm(grads),
         f"{prefix}l2_params": l2_norm(params),
@@ -98,5 +104,7 @@ def update_metrics(prefix: str, grads: Any, params: Any, updates: Any) -> dict[s
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
-    """Exponential moving average of parameters (decay 0.9999 in the reference's option)."""
-    return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema, params)
+    """Exponential moving average of parameters (decay 0.9999 in the reference's option):
+    ``decay * ema + (1 - decay) * params`` with ``optax.incremental_update``."""
+    return optax.incremental_update(jax.tree.map(lambda p, e: p.astype(e.dtype), params, ema), ema,
+                                    step_size=1.0 - decay)

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tokenflow_jax import checkpoint, inference, prng, t2i_setup
@@ -251,7 +252,7 @@ def make_train_step(config, model: t2i.NextScaleT2I, tx):
     def train_step(state: TrainState, codebook, batch):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, codebook, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(lambda p_, u: p_ + u.astype(p_.dtype), state.params, updates)
+        params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **aux, "grad_norm": optim.l2_norm(grads), "lr": schedule(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

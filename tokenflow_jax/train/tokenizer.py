@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -107,7 +108,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
     # ------------------------------------------------------------------------------- update step
     step_fn = step.step_fn
-    recon_fn = jax.jit(lambda v, x: model.apply(v, x)[1])
+    recon_fn = jax.jit(lambda v, x: model.apply(v, x).image)
     replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))  # readable on every host
 
     # -------------------------------------------------------------------------------------- loop
@@ -263,7 +264,7 @@ def build_step(config, parts: Parts, mesh, rules, frozen: Any) -> Step:
         parallel.check_replication(abstract_state.params, state_sh.params, mesh,
                                    config.mesh.get("max_replicated_fraction", 0.05))
         frozen_sh = jax.tree.map(lambda _: replicated, frozen)
-    step_fn = jax.jit(make_train_step(config, parts, tx, dtx), in_shardings=(state_sh, frozen_sh, None),
+    step_fn = jax.jit(make_train_step(config, parts, tx, dtx, labels), in_shardings=(state_sh, frozen_sh, None),
                       out_shardings=(state_sh, None), donate_argnums=0)
     return Step(abstract_state, state_sh, frozen_sh, labels, init_state, step_fn)
 
@@ -323,7 +324,7 @@ def make_init_state(config, parts: Parts):
     return init_state
 
 
-def make_train_step(config, parts: Parts, tx, dtx):
+def make_train_step(config, parts: Parts, tx, dtx, labels: Any = None):
     """The pure update ``(state, frozen, batch) -> (state, metrics)``.
 
     One generator forward gives the reconstruction for the generator loss (L2/L1 + LPIPS + semantic cosine
@@ -373,10 +374,10 @@ def make_train_step(config, parts: Parts, tx, dtx):
         (loss, (recon, quantizer_state, metrics)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
             state.params, state, frozen, images, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(jnp.add, state.params, updates)
+        params = optax.apply_updates(state.params, updates)
 
         metrics.update(loss=loss, psnr=losses.batch_psnr(images, recon),
-                       **optim.update_metrics("", grads, state.params, updates))
+                       **optim.update_metrics("", grads, state.params, updates, labels))
         disc_params, disc_stats, disc_opt_state = state.disc_params, state.disc_stats, state.disc_opt_state
         if use_gan:
             recon = jax.lax.stop_gradient(recon)
@@ -393,7 +394,7 @@ def make_train_step(config, parts: Parts, tx, dtx):
             (d_loss, (disc_stats, real_mean, fake_mean)), d_grads = jax.value_and_grad(
                 discriminator_loss, has_aux=True)(state.disc_params)
             d_updates, disc_opt_state = dtx.update(d_grads, state.disc_opt_state, state.disc_params)
-            disc_params = jax.tree.map(jnp.add, state.disc_params, d_updates)
+            disc_params = optax.apply_updates(state.disc_params, d_updates)
             metrics.update(disc_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean,
                            **optim.update_metrics("disc_", d_grads, state.disc_params, d_updates))
 

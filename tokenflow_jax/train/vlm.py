@@ -20,13 +20,13 @@ Restarting the same command continues from the newest checkpoint in ``DIR``, exa
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from tokenflow_jax import checkpoint, prng, vlm_setup
 from tokenflow_jax.models import vlm
@@ -43,7 +43,7 @@ def train(config, workdir: str) -> dict[str, float]:
     # ------------------------------------------------------------------------------------- set-up
     tc = config.train
     process, process_count = jax.process_index(), jax.process_count()
-    os.makedirs(workdir, exist_ok=True)
+    common.make_workdir(workdir)  # a gs:// workdir is not a local folder named 'gs:'
     writer = common.MetricsWriter(workdir, enabled=process == 0)
     guard = common.PreemptionGuard()
     buckets = vlm_setup.length_buckets(config)
@@ -196,9 +196,9 @@ def make_train_step(config, model: vlm.VLM, tok_model, tx, labels):
     def train_step(state: TrainState, tok_vars, batch):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tok_vars, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(lambda p_, u: p_ + u.astype(p_.dtype), state.params, updates)
-        trained = jax.tree.map(lambda g, lab: g if lab == "train" else None, grads, labels)
-        metrics = {"loss": loss, **aux, "grad_norm": optim.l2_norm(trained), "lr": schedule(state.step)}
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, **aux, "grad_norm": optim.l2_norm(optim.trained_only(grads, labels)),
+                   "lr": schedule(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -1,0 +1,25 @@
+"""Ragged last batches: every compiled call sees the same batch shape, the padding rows are dropped after."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``n``."""
+    return -(-n // multiple) * multiple
+
+
+def pad_rows(rows: Sequence[T] | np.ndarray, size: int) -> list[T] | np.ndarray:
+    """``rows`` (a non-empty list or an array over its first axis) grown to ``size`` by repeating the last row:
+    padding rows are real inputs (no NaNs, no special cases in the program) whose outputs the caller drops."""
+    count = len(rows)
+    if count == 0 or count > size:
+        raise ValueError(f"pad_rows: cannot pad {count} rows to {size}")
+    if isinstance(rows, np.ndarray):
+        return np.concatenate([rows, np.repeat(rows[-1:], size - count, axis=0)]) if size > count else rows
+    return list(rows) + [rows[-1]] * (size - count)
