@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "array_record==0.8.6",
     "transformers==5.23.0",
     "tokenizers==0.23.3",
+    "sentencepiece==0.2.1",  # Llama prompts tokenised as the official (slow) tokenizer does
     "safetensors==0.8.0",
     "huggingface_hub==2.4.0",
     "numpy==2.4.6",
@@ -39,7 +40,7 @@ EXTRAS = {
     # torch must already be installed as 2.13.0+cpu; the pin here keeps pip from upgrading it.
     # jax[tpu] brings libtpu, which also compiles for TPU topologies on CPU machines (`tokenflow-jax compile`
     # and tests/test_compile.py, which skip without it).
-    "test": ["pytest==9.2.0", "torch==2.13.0", "ruff==0.17.6", "portpicker==1.6.0",
+    "test": ["pytest==9.2.0", "torch==2.13.0", "ruff==0.17.6", "portpicker==1.6.0", "import-linter==2.16",
              "jax[tpu]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
     "gpu": ["jax[cuda12]==0.10.2"],
@@ -50,7 +51,10 @@ setup(
     name="tokenflow-jax",
     version="0.1.0",
     description="TokenFlow unified image tokenizer and downstream models in JAX/Flax",
-    packages=find_packages(include=["tokenflow_jax", "tokenflow_jax.*", "configs"]),
+    # configs/ ships inside the package as tokenflow_jax.bundled_configs (not as a top-level `configs`
+    # package, a name other projects use too), so `--config configs/t2i.py:7b` works from any directory.
+    packages=find_packages(include=["tokenflow_jax", "tokenflow_jax.*"]) + ["tokenflow_jax.bundled_configs"],
+    package_dir={"tokenflow_jax.bundled_configs": "configs"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import REPO
-from configs import common as config_common
+from tokenflow_jax import config as config_common
 from tokenflow_jax import prng
 from tokenflow_jax.models import tokenizer
 

@@ -1,6 +1,6 @@
 """Tokenizer train-step speed: images/s and model FLOP utilisation (MFU) of the full update.
 
-The step timed is the trainer's own (``tokenflow_jax.train.tokenizer.make_train_step``): one generator
+The step timed is the trainer's own (``tokenflow_jax.recipes.tokenizer.train.make_train_step``): one generator
 forward and backward (TokenFlow + LPIPS + semantic teacher + discriminator logits), the discriminator's
 forward and backward on real and reconstructed images, both Adam updates; jitted with the state donated,
 random weights, a fixed random batch, the adversarial term on (``disc_start=0``) so every part runs.
@@ -32,10 +32,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from configs import common as config_lib  # noqa: E402
+from tokenflow_jax import config as config_lib  # noqa: E402
 from tokenflow_jax import prng  # noqa: E402
+from tokenflow_jax.recipes.tokenizer import train as trainer
 from tokenflow_jax.train import optim  # noqa: E402
-from tokenflow_jax.train import tokenizer as trainer  # noqa: E402
 
 _DEMO = config_lib.load_config("configs/demo.py")
 CONFIGS: dict[str, tuple[str, list[str], int]] = {

@@ -107,11 +107,11 @@ def bench_decode(name: str, batch: int, new_tokens: int, repeats: int, with_full
 
 def bench_train(repeats: int) -> dict[str, Any]:
     """The tiny VLM's real train step (configs/vlm.py:tiny, random tokenizer), at its batch and bucket."""
-    from configs import common as config_common
-    from tokenflow_jax import vlm_setup
+    from tokenflow_jax import config as config_common
+    from tokenflow_jax.recipes.vlm import setup as vlm_setup
+    from tokenflow_jax.recipes.vlm import train as vlm_train
+    from tokenflow_jax.recipes.vlm.train import TrainState
     from tokenflow_jax.train import optim
-    from tokenflow_jax.train import vlm as vlm_train
-    from tokenflow_jax.train.vlm import TrainState
 
     config = config_common.load_config("configs/vlm.py:tiny")
     tok_model, tok_vars, tok_config = vlm_setup.load_image_tokenizer(config)

@@ -24,30 +24,30 @@ at lr 1.5e-3 (the `tiny` default is 5e-4); 1,800 steps add little (20.8% / 32.5%
 (chance 32.4%): 51.2% after 800 steps; 48.0% after 1,200, 39.2% at lr 2.5e-3 and 30.0% without the caption
 examples, so 800 steps at lr 1e-3 with captions stay.
 """
-from configs import common
+from tokenflow_jax import config as config_lib
 
 
 def get_config(arg=None):
     del arg
-    config = common.ConfigDict()
+    config = config_lib.ConfigDict()
     config.recipe = "demo"
     config.seed = 0
-    config.tokenizer = common.ConfigDict(dict(
+    config.tokenizer = config_lib.ConfigDict(dict(
         config="configs/tokenizer.py:tiny", num_steps=3000, checkpoint_every=100,
         overrides=("--config.loss.disc_weight=0", "--config.loss.lpips_net=alexnet", "--config.teacher.stride=8",
                    "--config.model.pixel_encoder.ch=16", "--config.model.pixel_decoder.ch=16"),
     ))
     # Reconstruction metrics on held-out (validation-split) shapes; no rFID (InceptionV3 at 299 px is the
     # slowest part of an evaluation on CPU and means little for flat synthetic shapes).
-    config.tokenizer_eval = common.ConfigDict(dict(num_images=256, batch_size=32, grid_images=8))
-    config.tokenize = common.ConfigDict(dict(num_images=10_000))
-    config.t2i = common.ConfigDict(dict(config="configs/t2i.py:tiny", num_steps=900, checkpoint_every=100,
+    config.tokenizer_eval = config_lib.ConfigDict(dict(num_images=256, batch_size=32, grid_images=8))
+    config.tokenize = config_lib.ConfigDict(dict(num_images=10_000))
+    config.t2i = config_lib.ConfigDict(dict(config="configs/t2i.py:tiny", num_steps=900, checkpoint_every=100,
                                         overrides=("--config.optim.lr=1.5e-3",)))
     # ShapesEval: prompts per GenEval category, sampling strategies (passes per scale) to compare; then a
     # grid of `per_prompt` samples for each of `grid_prompts` held-out prompts with the last strategy.
-    config.shapes_eval = common.ConfigDict(dict(config="configs/sample.py:tiny", num_per_category=20, loops=(1, 3),
+    config.shapes_eval = config_lib.ConfigDict(dict(config="configs/sample.py:tiny", num_per_category=20, loops=(1, 3),
                                                 grid_prompts=8, per_prompt=4, overrides=()))
-    config.vlm = common.ConfigDict(dict(config="configs/vlm.py:tiny", num_steps=800, checkpoint_every=100,
+    config.vlm = config_lib.ConfigDict(dict(config="configs/vlm.py:tiny", num_steps=800, checkpoint_every=100,
                                         overrides=()))
-    config.vqa = common.ConfigDict(dict(num_per_category=50))
+    config.vqa = config_lib.ConfigDict(dict(num_per_category=50))
     return config

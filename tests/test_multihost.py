@@ -15,6 +15,7 @@ import portpicker
 import pytest
 
 from tokenflow_jax import distributed
+from tokenflow_jax.utils import logs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,12 +74,11 @@ def test_tpu_pods_are_detected_from_the_gke_variables():
 
 
 def test_a_remote_workdir_keeps_logs_on_process_0s_disk(tmp_path, monkeypatch):
-    from tokenflow_jax.train import common
 
     monkeypatch.setenv("TOKENFLOW_LOGDIR", str(tmp_path / "logs"))
-    assert common.local_logdir("/data/run") == "/data/run"
-    assert common.local_logdir("gs://bucket/runs/a") == str(tmp_path / "logs" / "bucket" / "runs" / "a")
-    writer = common.MetricsWriter("gs://bucket/runs/a")
+    assert logs.local_logdir("/data/run") == "/data/run"
+    assert logs.local_logdir("gs://bucket/runs/a") == str(tmp_path / "logs" / "bucket" / "runs" / "a")
+    writer = logs.MetricsWriter("gs://bucket/runs/a")
     writer.write(1, {"loss": 0.5})
     writer.image(1, "x", np.zeros((4, 4, 3), np.uint8), "gs://bucket/runs/a/images/x.png")
     writer.close()

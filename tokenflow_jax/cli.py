@@ -32,7 +32,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from configs import common
+from tokenflow_jax import config as config_lib
+
+# Each command imports its recipe module (and jax, transformers, torch with it) when it runs, inside its
+# cmd_* function: `tokenflow-jax --help` and a mistyped config stay instant. Everywhere else in the package,
+# project imports sit at the top of the file (tests/test_layers.py).
 
 
 def _enable_compilation_cache() -> None:
@@ -55,26 +59,26 @@ def _load_config(spec: str | None, overrides: Sequence[str], checkpoint: str | N
             raise SystemExit(f"error: checkpoint {checkpoint} records no config; pass --config FILE:ARG")
     if spec is None:
         raise SystemExit("error: --config FILE:ARG is required")
-    return common.build_config(spec, overrides)
+    return config_lib.build_config(spec, overrides)
 
 
 def cmd_reconstruct(args, overrides) -> int:
-    from tokenflow_jax import reconstruct
+    from tokenflow_jax.recipes.tokenizer import reconstruct
 
     config = _load_config(args.config, overrides, args.checkpoint)
     return reconstruct.run(config, args.images, args.out, args.checkpoint, batch_size=args.batch_size)
 
 
 def cmd_train(args, overrides) -> int:
-    from tokenflow_jax import train
+    from tokenflow_jax import recipes
 
     config = _load_config(args.config, overrides)
-    train.trainer(config).train(config, args.workdir)
+    recipes.trainer(config).train(config, args.workdir)
     return 0
 
 
 def cmd_eval(args, overrides) -> int:
-    from tokenflow_jax.eval import tokenizer_eval
+    from tokenflow_jax.recipes.tokenizer import evaluate as tokenizer_eval
 
     config = _load_config(args.config, overrides, args.checkpoint)
     return tokenizer_eval.run(config, args.checkpoint, args.out, args.num_images, args.batch_size,
@@ -82,7 +86,7 @@ def cmd_eval(args, overrides) -> int:
 
 
 def cmd_tokenize(args, overrides) -> int:
-    from tokenflow_jax.data import tokenize
+    from tokenflow_jax.recipes.tokenizer import tokenize
 
     config = _load_config(args.config, overrides, args.checkpoint)
     return tokenize.run(config, args.checkpoint, args.data, args.out, num_images=args.num_images,
@@ -90,14 +94,14 @@ def cmd_tokenize(args, overrides) -> int:
 
 
 def cmd_generate(args, overrides) -> int:
-    from tokenflow_jax import generate
+    from tokenflow_jax.recipes.t2i import sample as generate
 
     config = _load_config(args.config, overrides)
     return generate.run(config, args.checkpoint, args.prompts, args.out, per_prompt=args.per_prompt, seed=args.seed)
 
 
 def cmd_eval_shapes(args, overrides) -> int:
-    from tokenflow_jax.eval import generation_eval
+    from tokenflow_jax.recipes.t2i import evaluate as generation_eval
 
     config = _load_config(args.config, overrides)
     try:
@@ -108,21 +112,21 @@ def cmd_eval_shapes(args, overrides) -> int:
 
 
 def cmd_chat(args, overrides) -> int:
-    from tokenflow_jax import vlm_infer
+    from tokenflow_jax.recipes.vlm import answer as vlm_infer
 
     config = _load_config(args.config, overrides, args.checkpoint)
     return vlm_infer.chat(config, args.checkpoint, args.image, args.prompt)
 
 
 def cmd_eval_vqa(args, overrides) -> int:
-    from tokenflow_jax.eval import vqa_eval
+    from tokenflow_jax.recipes.vlm import evaluate as vqa_eval
 
     config = _load_config(args.config, overrides, args.checkpoint)
     return vqa_eval.run(config, args.checkpoint, args.data, args.out, args.num_per_category)
 
 
 def cmd_convert(args, overrides) -> int:
-    from tokenflow_jax.convert import run as convert_run
+    from tokenflow_jax.apps import convert as convert_run
 
     config = _load_config(args.config, overrides)
     if args.source == "official":
@@ -138,7 +142,7 @@ def cmd_convert(args, overrides) -> int:
 
 
 def cmd_export(args, overrides) -> int:
-    from tokenflow_jax.convert import run as convert_run
+    from tokenflow_jax.apps import convert as convert_run
 
     config = _load_config(args.config, overrides, args.checkpoint)
     recipe = config.get("recipe", "tokenizer")
@@ -151,20 +155,20 @@ def cmd_export(args, overrides) -> int:
 
 
 def cmd_demo(args, overrides) -> int:
-    from tokenflow_jax import demo
+    from tokenflow_jax.apps import demo
 
     return demo.run(_load_config(args.config, overrides), args.workdir)
 
 
 def cmd_compile(args, overrides) -> int:
-    from tokenflow_jax import compile as aot
+    from tokenflow_jax.apps import compile as aot
 
     return aot.main(args, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tokenflow_jax import compile as aot
     from tokenflow_jax import distributed
+    from tokenflow_jax.apps import compile as aot
 
     parser = argparse.ArgumentParser(prog="tokenflow-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        rest, overrides = common.split_config_args(argv)
+        rest, overrides = config_lib.split_config_args(argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,9 +8,10 @@ import pytest
 import torch
 import transformers
 
-from configs import common
-from tokenflow_jax import checkpoint, cli, inference
+from tokenflow_jax import checkpoint, cli
+from tokenflow_jax import config as config_lib
 from tokenflow_jax.models.vit import VisionTransformer
+from tokenflow_jax.recipes.tokenizer import frozen
 
 TOL = 1e-5  # relative, float32
 
@@ -35,8 +36,8 @@ def test_convert_from_hf_then_reconstruct(tiny_clip_dir, tmp_path, capsys):
     meta = checkpoint.read_meta(out)
     assert meta["config_spec"] == "configs/tokenizer.py:tiny" and meta["source"] == f"hf:{path}"
 
-    config = common.load_config("configs/tokenizer.py:tiny")
-    model, variables = inference.load_tokenizer(config, out)
+    config = config_lib.load_config("configs/tokenizer.py:tiny")
+    model, variables = frozen.load_tokenizer(config, out)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
     tower = VisionTransformer(model.config.semantic_encoder)
     ours = np.asarray(jax.jit(tower.apply)({"params": variables["params"]["semantic_encoder"]}, x))
@@ -79,13 +80,14 @@ def test_restoring_into_a_different_config_lists_every_mismatch(tiny_clip_dir, t
     out = str(tmp_path / "ckpt")
     assert cli.main(["convert", "--from", "hf", "--model", path, "--config", "configs/tokenizer.py:tiny",
                      "--out", out]) == 0
-    config = common.load_config("configs/tokenizer.py:tiny")
-    common.apply_overrides(config, ["quantizer.codebook_size=2048", "model.semantic_decoder.depth=1"])
+    config = config_lib.load_config("configs/tokenizer.py:tiny")
+    config_lib.apply_overrides(config, ["quantizer.codebook_size=2048", "model.semantic_decoder.depth=1"])
     with pytest.raises(checkpoint.CheckpointMismatchError) as e:
-        inference.load_tokenizer(config, out)
+        frozen.load_tokenizer(config, out)
     message = str(e.value)
-    assert "params/quantizer/codebook_semantic: checkpoint (1024, 32), model (2048, 32)" in message
-    assert "quantizer/code_age: checkpoint (1024,), model (2048,)" in message
+    # The model's shape first, then what the checkpoint holds.
+    assert "params/quantizer/codebook_semantic: expected shape (2048, 32), found (1024, 32)" in message
+    assert "quantizer/code_age: expected shape (2048,), found (1024,)" in message
     assert "semantic_decoder/blocks" in message
 
 
@@ -97,10 +99,10 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_official_file_to_checkpoint_and_back(tmp_path, capsys):
     """convert --from official then export: the exported file equals the input tensor for tensor."""
-    from tokenflow_jax.convert import official, run
+    from tokenflow_jax.convert import official, semantic_tower
 
-    config = common.load_config("configs/tokenizer.py:tiny")
-    variables = jax.device_get(run.init_variables(config, seed=3))
+    config = config_lib.load_config("configs/tokenizer.py:tiny")
+    variables = jax.device_get(semantic_tower.init_variables(config, seed=3))
     source = official.variables_to_official(variables, config)
     official.save_official(source, str(tmp_path / "tiny.pt"))
     ckpt = str(tmp_path / "ckpt")

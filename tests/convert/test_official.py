@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import common
+from tokenflow_jax import config as config_lib
 from tokenflow_jax.convert import official
 from tokenflow_jax.convert.hf import ConversionError
 from tokenflow_jax.models import quantizer as quantizer_lib
@@ -24,7 +24,7 @@ from tokenflow_jax.models import tokenizer
 def _reduced(variant: str, **quantizer):
     """Small-width copy of a released variant with the same module structure."""
     if variant == "b":
-        config = common.load_config("configs/tokenizer.py:b,res=256,enhanced")
+        config = config_lib.load_config("configs/tokenizer.py:b,res=256,enhanced")
         m = config.model
         m.image_size = 128  # 8x8 grid from a 6x6 position table: the interpolation path of res=256
         m.semantic_encoder.update(width=64, depth=2, num_heads=4, mlp_dim=128, pos_grid=6)
@@ -34,7 +34,7 @@ def _reduced(variant: str, **quantizer):
         m.semantic_out_dim = 48
         config.quantizer.scales = (1, 2, 4, 6, 8)
     else:
-        config = common.load_config("configs/tokenizer.py:xl")
+        config = config_lib.load_config("configs/tokenizer.py:xl")
         m = config.model
         m.image_size, m.pixel_resolution = 126, 144  # 9x9 grid; pixel branch bicubic 126 -> 144
         m.semantic_encoder.update(width=64, depth=2, num_heads=4, mlp_dim=96, pos_grid=9)
@@ -95,8 +95,8 @@ def variant(request):
 
 def test_full_size_key_layout_matches_the_reference():
     """Key counts and parameter totals of the released checkpoints (SPEC 6.2) and names/shapes from SPEC 6.3."""
-    b = official.official_key_shapes(common.load_config("configs/tokenizer.py:b,res=256,enhanced"))
-    xl = official.official_key_shapes(common.load_config("configs/tokenizer.py:xl"))
+    b = official.official_key_shapes(config_lib.load_config("configs/tokenizer.py:b,res=256,enhanced"))
+    xl = official.official_key_shapes(config_lib.load_config("configs/tokenizer.py:xl"))
     assert (len(b), len(xl)) == (649, 848)
     assert sum(int(np.prod(s)) for s in b.values()) == 376_700_715  # 1.51 GB in float32
     assert sum(int(np.prod(s)) for s in xl.values()) == 554_141_041  # 2.22 GB
@@ -398,7 +398,7 @@ def test_converted_model_encodes_and_decodes_under_jit(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["b,res=256,enhanced", "xl"])
 def test_full_size_round_trips_are_exact(spec):
-    config = common.load_config(f"configs/tokenizer.py:{spec}")
+    config = config_lib.load_config(f"configs/tokenizer.py:{spec}")
     ours = _random_variables(config, seed=11)
     sd = official.variables_to_official(ours, config)
     _assert_trees_equal(official.official_to_variables(sd, config), ours)

@@ -15,15 +15,17 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from configs import common
 from tests import official_t2i_reference
 from tests.numerics import rel_err
-from tokenflow_jax import checkpoint, cli, inference, t2i_setup
+from tokenflow_jax import checkpoint, cli
+from tokenflow_jax import config as config_lib
+from tokenflow_jax.apps import convert as convert_run
 from tokenflow_jax.convert import official_t2i, sources
-from tokenflow_jax.convert import run as convert_run
 from tokenflow_jax.convert.hf import ConversionError
 from tokenflow_jax.models import t2i
 from tokenflow_jax.models import tokenizer as tokenizer_lib
+from tokenflow_jax.recipes.t2i import setup as t2i_setup
+from tokenflow_jax.recipes.tokenizer import frozen
 
 K, WIDTH, DEPTH, HEADS, MLP, P = 1024, 64, 2, 4, 96, 12  # K and the scales (1,2,4,6,8) of configs/tokenizer.py:tiny
 SCALES = (1, 2, 4, 6, 8)
@@ -140,7 +142,7 @@ def converted(release, tmp_path_factory):
 
 def _model_and_params(checkpoint_dir):
     meta = checkpoint.read_meta(checkpoint_dir)
-    config = common.build_config(meta["config_spec"], meta["config_overrides"])
+    config = config_lib.build_config(meta["config_spec"], meta["config_overrides"])
     cfg = convert_run._t2i_model_config(config)
     params = convert_run._restore_params(t2i.NextScaleT2I(cfg), official_t2i.abstract_init_args(cfg), checkpoint_dir)
     return config, cfg, params
@@ -181,9 +183,9 @@ def test_generate_with_the_converted_checkpoint_is_greedy_under_the_official_for
     assert indices.shape == (2, N) and len(np.unique(indices)) > 20
     config, _, _ = _model_and_params(converted)
     _, encoder = t2i_setup.text_parts(config)
-    tok_config = t2i_setup.tokenizer_config(config)
-    tok_model, tok_vars = inference.load_tokenizer(tok_config, None)  # the random tokenizer generate used
-    codebook = np.asarray(inference.codebook_vectors(tok_model, tok_vars))
+    tok_config = frozen.tokenizer_config(config)
+    tok_model, tok_vars = frozen.load_tokenizer(tok_config, None)  # the random tokenizer generate used
+    codebook = np.asarray(frozen.codebook_vectors(tok_model, tok_vars))
     assert isinstance(tok_model, tokenizer_lib.TokenFlow)
     encoded = encoder([row["prompt"] for row in rows])
     ref = official_t2i_reference.teacher_forced_logits(

@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from configs import common
 from tests.numerics import rel_err
-from tokenflow_jax import checkpoint, cli, vlm_infer
+from tokenflow_jax import checkpoint, cli
+from tokenflow_jax import config as config_lib
 from tokenflow_jax.convert import official_vlm, sources
 from tokenflow_jax.convert.hf import ConversionError
 from tokenflow_jax.data import conversation
 from tokenflow_jax.data import text as text_lib
 from tokenflow_jax.models import vlm
+from tokenflow_jax.recipes.tokenizer import frozen
+from tokenflow_jax.recipes.vlm import answer as vlm_infer
 
 WIDTH, DEPTH, HEADS, KV_HEADS, MLP, VOCAB = 64, 2, 4, 2, 96, 192  # VOCAB >= the builtin:shapes_chat tokenizer
 OVERRIDES = [
@@ -103,7 +105,7 @@ def test_converted_vlm_reproduces_llava_qwen(release, converted):
     _, model, projector, _ = release
     meta = checkpoint.read_meta(converted)
     assert meta["recipe"] == "vlm" and meta["source"].startswith("official-vlm:")
-    config = common.build_config(meta["config_spec"], meta["config_overrides"])
+    config = config_lib.build_config(meta["config_spec"], meta["config_overrides"])
     vqa = vlm_infer.VqaModel.load(config, converted)
     rng = np.random.default_rng(0)
     features = rng.standard_normal((2, vqa.model.config.num_image_tokens, 40)).astype(np.float32)
@@ -123,7 +125,7 @@ def test_chat_with_the_converted_checkpoint_answers_as_hf_greedy(release, conver
     assert cli.main(["chat", "--checkpoint", converted, "--image", str(image), "--prompt", question]) == 0
     answer = capsys.readouterr().out.strip()
     meta = checkpoint.read_meta(converted)
-    config = common.build_config(meta["config_spec"], meta["config_overrides"])
+    config = config_lib.build_config(meta["config_spec"], meta["config_overrides"])
     vqa = vlm_infer.VqaModel.load(config, converted)
     features = np.asarray(vqa.encode(vqa.tok_vars, vqa.preprocess(np.asarray(Image.open(image)))[None]))
     ids, _ = vqa.prompts([question])
@@ -161,10 +163,10 @@ def test_export_round_trip_is_bit_exact(release, converted, tmp_path):
 def test_every_problem_is_listed(release, converted):
     _, _, _, state = release
     meta = checkpoint.read_meta(converted)
-    config = common.build_config(meta["config_spec"], meta["config_overrides"])
-    from tokenflow_jax import t2i_setup, vlm_setup
+    config = config_lib.build_config(meta["config_spec"], meta["config_overrides"])
+    from tokenflow_jax.recipes.vlm import setup as vlm_setup
 
-    tok_config = t2i_setup.tokenizer_config(config)
+    tok_config = frozen.tokenizer_config(config)
     cfg = vlm_setup.model_config(config, tok_config, text_lib.load_text_tokenizer("builtin:shapes_chat"))
     tensors = {k: v.numpy() for k, v in state.items()}
     del tensors["model.layers.0.self_attn.q_proj.bias"]

@@ -9,7 +9,8 @@ from PIL import Image
 
 from tests.data.helpers import png_bytes
 from tokenflow_jax.data import conversation as conv
-from tokenflow_jax.data import llava, shapes_vqa, text
+from tokenflow_jax.data import llava, text
+from tokenflow_jax.shapes import vqa as shapes_vqa
 
 SIZE, TOKENS, MAX_LEN = 16, 4, 64
 IMG_WIDE = np.random.default_rng(0).integers(0, 255, (10, 24, 3), dtype=np.uint8)  # H=10, W=24

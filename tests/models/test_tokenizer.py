@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from tokenflow_jax import config as config_lib
 from tokenflow_jax import parallel, prng
 from tokenflow_jax.models import tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = common.load_config("configs/tokenizer.py:tiny")
+    config = config_lib.load_config("configs/tokenizer.py:tiny")
     model = tokenizer.build(config)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 64, 64, 3)), jnp.float32)
     variables = nn.unbox(jax.jit(model.init)(prng.make_key(0), x))
@@ -90,7 +90,7 @@ def test_sharded_encode_decode_on_mesh_matches_single_device(tiny, mesh222):
 
 
 def _param_counts(spec):
-    config = common.load_config(f"configs/tokenizer.py:{spec}")
+    config = config_lib.load_config(f"configs/tokenizer.py:{spec}")
     model = tokenizer.build(config)
     size = config.model.image_size
     abstract = jax.eval_shape(model.init, prng.make_key(0), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from configs import common
 from tests.numerics import rel_err
-from tokenflow_jax import inference
+from tokenflow_jax import config as config_lib
 from tokenflow_jax.models import transformer, vlm
 from tokenflow_jax.models.vlm_generate import AnswerDecoder, full_recompute
+from tokenflow_jax.recipes.tokenizer import frozen
 
 LLM = transformer.TransformerConfig(vocab_size=50, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
                                     max_positions=64)
@@ -86,14 +86,14 @@ def test_token_nll_matches_torch_cross_entropy_with_ignore_index():
 
 @pytest.mark.parametrize("kind", ["final", "final_semantic", "all_scales"])
 def test_visual_features_are_the_tokenizer_maps(kind):
-    tok_config = common.load_config("configs/tokenizer.py:tiny")
-    model, variables = inference.load_tokenizer(tok_config, None)
+    tok_config = config_lib.load_config("configs/tokenizer.py:tiny")
+    model, variables = frozen.load_tokenizer(tok_config, None)
     images = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, size=(2, 64, 64, 3)).astype(np.float32))
     out = np.asarray(vlm.visual_features(model, variables, images, kind))
     assert out.shape == (2,) + vlm.feature_shape(tok_config, kind)
     features, _, indices = model.apply(variables, images, method=model.encode)
     if kind == "all_scales":
-        codebook = np.asarray(inference.codebook_vectors(model, variables))
+        codebook = np.asarray(frozen.codebook_vectors(model, variables))
         np.testing.assert_allclose(out, codebook[np.asarray(indices)], atol=1e-6)
     else:
         flat = np.asarray(features).reshape(2, 64, 40)

@@ -17,13 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenflow_jax.ops.resize import (
-    area_matrix,
-    area_resize,
-    bicubic_matrix,
-    bicubic_resize,
-    interpolate_pos_embed,
-)
+from tokenflow_jax.ops.resize import area_matrix, area_resize, bicubic_matrix, bicubic_resize, interpolate_pos_embed
 
 TOL = 1e-5  # max abs error vs torch, float32, N(0, 1) inputs
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from jax.sharding import NamedSharding, PartitionSpec
 
-from configs import common as config_lib
+from tokenflow_jax import config as config_lib
 from tokenflow_jax import parallel
-from tokenflow_jax.train import common, optim
+from tokenflow_jax.train import loop, optim
 
 
 def adam_config(**kw):
@@ -71,7 +71,7 @@ def test_optimizer_state_shardings_follow_params_with_frozen_entries():
     for trainable in ((), ("^b/",)):
         tx, _ = optim.make_optimizer(adam_config(), params, trainable=trainable)
         abstract = jax.eval_shape(tx.init, params)
-        shardings = common.optimizer_state_shardings(abstract, param_sh, mesh)
+        shardings = loop.optimizer_state_shardings(abstract, param_sh, mesh)
         flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
         by_shape = {}
         for path, sh in flat:

@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image
 
 from tokenflow_jax.data import conversation, decode, images
+from tokenflow_jax.data.pipeline import local_batch_size, stream_seeds
 from tokenflow_jax.data.steps import AttachIndex
 
 ASPECTS = ("pad", "square")
@@ -397,7 +398,6 @@ def build_vlm_dataset(
     """
     # Lazy: pipeline pulls in jax and flax, which grain's worker processes (they import this module to
     # unpickle the steps above) do not need.
-    from tokenflow_jax.data.pipeline import local_batch_size, stream_seeds
 
     batch = local_batch_size(global_batch_size, process_count)
     if not 0 <= process_index < process_count:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tokenflow_jax.data import shapes
+from tokenflow_jax.shapes import scenes as shapes
 
 # Every extension PIL can open (jpg, jpeg, png, webp, bmp, tif, gif, ppm, ...), lower case with the dot.
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())

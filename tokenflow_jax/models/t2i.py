@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenflow_jax.config import to_dataclass
 from tokenflow_jax.models import transformer
 from tokenflow_jax.models.llm_layers import Linear
 from tokenflow_jax.models.projector import Projector
@@ -97,7 +98,6 @@ def t2i_config(config, tokenizer_config, vocab_size: int | None = None) -> T2ICo
 
     ``vocab_size`` overrides ``model.llm.vocab_size`` (the tiny config's 0 = the built text tokenizer's).
     """
-    from tokenflow_jax.configdict import to_dataclass
 
     llm = dict(config.model.llm)
     if vocab_size is not None:

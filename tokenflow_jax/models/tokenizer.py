@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tokenflow_jax.config import to_dataclass
 from tokenflow_jax.models import layers
 from tokenflow_jax.models.cnn import CNNConfig, Decoder, Encoder
 from tokenflow_jax.models.quantizer import MultiScaleQuantizer, QuantizerConfig
@@ -182,7 +183,6 @@ class TokenFlow(nn.Module):
 
 def tokenflow_config(config) -> TokenFlowConfig:
     """TokenFlowConfig from a ``configs/tokenizer.py`` ConfigDict (fields ``model`` and ``quantizer``)."""
-    from tokenflow_jax.configdict import to_dataclass
 
     m = config.model
     return to_dataclass(

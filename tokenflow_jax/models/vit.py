@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from tokenflow_jax.models import layers
+from tokenflow_jax.ops.resize import interpolate_pos_embed
 
 FLAVOURS = ("clip", "siglip", "beit")
 
@@ -168,7 +169,6 @@ class VisionTransformer(nn.Module):
                 f"{cfg.pos_grid}x{cfg.pos_grid} (input side {cfg.pos_grid * cfg.patch_size}); "
                 "this flavour does not interpolate position embeddings"
             )
-        from tokenflow_jax.ops.resize import interpolate_pos_embed
 
         patch = interpolate_pos_embed(table[1:], grid)
         return jnp.concatenate([table[:1], patch.astype(table.dtype)], axis=0)

@@ -13,16 +13,16 @@ import dataclasses
 import logging
 from typing import Any
 
+from tokenflow_jax.convert import llm as convert_llm
+from tokenflow_jax.convert import sources
 from tokenflow_jax.models.transformer import TransformerConfig
-from tokenflow_jax.train import common
+from tokenflow_jax.train import loop
 
 logger = logging.getLogger(__name__)
 
 def init_from_hf(config, ours: TransformerConfig, params: Any, mesh, rules) -> Any:
     """``params`` with ``params['llm']`` replaced by the weights of ``config.model.init`` (placed directly
     into their shardings on ``mesh``); everything else (projector, heads, embeddings) is kept."""
-    from tokenflow_jax.convert import llm as convert_llm
-    from tokenflow_jax.convert import sources
 
     source = config.model.init
     theirs = convert_llm.config_from_hf(sources.read_config(sources.resolve_model_dir(source)))
@@ -37,6 +37,6 @@ def init_from_hf(config, ours: TransformerConfig, params: Any, mesh, rules) -> A
     fields.pop("vocab_size")
     _, loaded = convert_llm.load(source, mesh=mesh, rules=rules, vocab_size=ours.vocab_size, **fields)
     merged = dict(params)
-    merged["llm"] = common.merge_trees(params["llm"], loaded)
+    merged["llm"] = loop.merge_trees(params["llm"], loaded)
     logger.info("initialised the decoder from %s", source)
     return merged

@@ -1,0 +1,200 @@
+"""The tokenizer trainer end to end on a reduced `tiny` config (32 px, 4x4 grid, scales 1, 2, 4):
+a few steps on the (2, 2, 2) mesh, overfitting one batch, exact resume after SIGTERM, resume on a
+different mesh, and a folder of broken images."""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokenflow_jax import checkpoint
+from tokenflow_jax import config as config_lib
+from tokenflow_jax.data import pipeline
+from tokenflow_jax.recipes.tokenizer import train as trainer
+
+# One device unless a test is about sharding: faster, and no XLA:CPU collectives (see conftest).
+SMALL = [
+    "mesh.num_devices=1", "model.image_size=32", "data.image_size=32", "model.semantic_encoder.pos_grid=4",
+    "model.semantic_decoder.pos_grid=4", "quantizer.scales=(1, 2, 4)", "quantizer.codebook_size=256",
+    "train.global_batch_size=8", "train.preview_images=4", "train.image_every=0", "train.log_every=1",
+    "train.checkpoint_every=1000", "train.async_checkpoints=False", "data.num_examples=512",
+]
+
+
+def small_config(*overrides):
+    config = config_lib.load_config("configs/tokenizer.py:tiny")
+    return config_lib.apply_overrides(config, SMALL + list(overrides))
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_few_steps_on_the_222_mesh_loss_finite_and_decreasing(tmp_path):
+    # One fixed batch (8 examples), so the loss before the adversarial term starts must go down. The SPEC's
+    # loss weights (LPIPS and teacher at 1), not tiny's CPU defaults, and the GAN from step 4.
+    config = small_config("mesh.num_devices=0", "mesh.shape=(2, 2, 2)", "train.num_steps=6", "optim.lr=1e-3",
+                          "loss.disc_start=4", "data.num_examples=8", "train.image_every=6",
+                          "loss.lpips_weight=1.0", "loss.semantic_weight=1.0")
+    trainer.train(config, str(tmp_path))
+    metrics = read_metrics(str(tmp_path))
+    losses = [m["loss"] for m in metrics]
+    assert len(losses) == 6 and np.isfinite(losses).all()
+    assert losses[3] < losses[0] and losses[2] < losses[0], losses
+    # The discriminator trains only from disc_start on (its loss is weighted by 0 before).
+    assert metrics[1]["w_adv"] == 0.0 and metrics[1]["disc_l2_updates"] == 0.0
+    assert metrics[4]["w_adv"] == 0.5 and metrics[4]["disc_l2_updates"] > 0
+    for name in ("perplexity/scale_4", "scale_usage/scale_2", "codebook_usage", "lpips_loss", "semantic_loss"):
+        assert name in metrics[-1]
+    assert os.path.isfile(tmp_path / "images" / "recon_00000006.png")
+    assert checkpoint.latest_step(str(tmp_path / "checkpoints")) == 6
+
+
+def test_overfitting_one_batch_gains_psnr(tmp_path):
+    config = small_config("data.num_examples=8", "train.num_steps=40", "optim.lr=2e-3", "loss.disc_start=1000")
+    trainer.train(config, str(tmp_path))
+    psnr = [m["psnr"] for m in read_metrics(str(tmp_path))]
+    assert np.mean(psnr[-3:]) > np.mean(psnr[:3]) + 3.0, psnr
+
+
+class SigtermAt:
+    """Wraps the data iterator and sends this process SIGTERM when batch ``at`` is fetched."""
+
+    def __init__(self, inner, at):
+        self.inner, self.at, self.count = inner, at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.inner)
+
+    # grain's orbax handler treats iterators that are not grain.DatasetIterator as bytes-state ones.
+    def get_state(self):
+        return json.dumps(self.inner.get_state()).encode()
+
+    def set_state(self, state):
+        self.inner.set_state(json.loads(state))
+
+    def start_prefetch(self):
+        if hasattr(self.inner, "start_prefetch"):
+            self.inner.start_prefetch()
+
+
+def test_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
+    steps = ["train.num_steps=6", "optim.lr=1e-3", "loss.disc_start=2"]
+    full = str(tmp_path / "full")
+    trainer.train(small_config(*steps), full)
+    reference = read_metrics(full)
+
+    interrupted = str(tmp_path / "interrupted")
+    make_dataset = pipeline.make_dataset
+    monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: SigtermAt(iter(make_dataset(*a, **k)), at=3))
+    trainer.train(small_config(*steps), interrupted)  # stops cleanly after step 3
+    monkeypatch.setattr(pipeline, "make_dataset", make_dataset)
+    assert checkpoint.latest_step(os.path.join(interrupted, "checkpoints")) == 3
+    assert [m["step"] for m in read_metrics(interrupted)] == [1, 2, 3]
+
+    # A row an abandoned attempt wrote after the last checkpoint must not survive the resume.
+    with open(os.path.join(interrupted, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
+    trainer.train(small_config(*steps), interrupted)  # resumes at step 3
+    resumed = read_metrics(interrupted)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(reference, resumed):
+        for key in ("loss", "recon_loss", "lpips_loss", "semantic_loss", "disc_loss", "l2_params"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])  # bit for bit on CPU
+
+
+def test_resume_on_a_different_mesh_shape(tmp_path):
+    workdir = str(tmp_path)
+    trainer.train(small_config("mesh.num_devices=0", "mesh.shape=(2, 2, 2)", "train.num_steps=2"), workdir)
+    trainer.train(small_config("mesh.shape=(1, 1, 1)", "train.num_steps=3"), workdir)
+    metrics = read_metrics(workdir)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and np.isfinite(metrics[-1]["loss"])
+
+
+def test_a_folder_of_broken_images_does_not_stop_training(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"good_{i}.png")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    good = (folder / "good_0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.fromarray(rng.integers(0, 255, (10, 10), dtype=np.uint8)).save(folder / "tiny_grey.png")
+    config = small_config("data.source=folder", f"data.path={folder}", "train.num_steps=3")
+    trainer.train(config, str(tmp_path / "run"))
+    metrics = read_metrics(str(tmp_path / "run"))
+    assert len(metrics) == 3 and all(np.isfinite(m["loss"]) for m in metrics)
+    assert sum(m["bad_images"] for m in metrics) > 0
+
+
+def test_wrong_teacher_width_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="semantic_out_dim"):
+        trainer.train(small_config("model.semantic_out_dim=64", "train.num_steps=1"), str(tmp_path))
+
+
+def test_stage2_trains_only_a_rebuilt_pixel_decoder(tmp_path):
+    stage1 = str(tmp_path / "stage1")
+    trainer.train(small_config("train.num_steps=1"), stage1)
+    stage1_ckpt = os.path.join(stage1, "checkpoints")
+    stage2 = str(tmp_path / "stage2")
+    config = config_lib.apply_overrides(
+        config_lib.load_config("configs/tokenizer.py:tiny,stage2"),
+        SMALL + ["train.num_steps=2", f"init.checkpoint={stage1_ckpt}"])
+    trainer.train(config, stage2)
+
+    before = stored_params(os.path.join(stage1_ckpt, "1"))
+    after = stored_params(os.path.join(stage2, "checkpoints", "2"))
+    assert sorted(before) == sorted(after)
+    for name in before:
+        same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name]))]
+        if name == "pixel_decoder":
+            assert not any(same), "the pixel decoder is rebuilt and trained"
+        else:
+            assert all(same), f"{name} must stay frozen in stage 2"
+
+
+def test_stage2_without_a_checkpoint_is_a_clear_error(tmp_path):
+    config = config_lib.apply_overrides(config_lib.load_config("configs/tokenizer.py:tiny,stage2"), SMALL)
+    with pytest.raises(ValueError, match="init.checkpoint"):
+        trainer.train(config, str(tmp_path))
+
+
+def stored_params(step_dir):
+    """The generator params a training checkpoint step holds, as host arrays (no target needed)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "variables"))["params"]
+
+
+def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged(tmp_path):
+    """lpips_weight=0 / disc_weight=0 drop LPIPS and the discriminator from the step (the demo's fast recipe);
+    the generator's update equals that of a run keeping them at a negligible weight."""
+    common_overrides = ("data.num_examples=8", "train.num_steps=2", "train.checkpoint_every=2", "teacher.stride=8")
+    skipped = small_config(*common_overrides, "loss.lpips_weight=0", "loss.disc_weight=0")
+    kept = small_config(*common_overrides, "loss.lpips_weight=1e-30", "loss.disc_weight=1e-30")
+    trainer.train(skipped, str(tmp_path / "skipped"))
+    trainer.train(kept, str(tmp_path / "kept"))
+    m_skipped, m_kept = read_metrics(str(tmp_path / "skipped")), read_metrics(str(tmp_path / "kept"))
+    assert "lpips_loss" not in m_skipped[-1] and "disc_loss" not in m_skipped[-1]
+    assert "lpips_loss" in m_kept[-1] and "disc_loss" in m_kept[-1] and "semantic_loss" in m_skipped[-1]
+    assert set(trainer.load_frozen_params(skipped, trainer.build_parts(skipped))) == {"teacher"}  # LPIPS unread
+    np.testing.assert_allclose([m["loss"] for m in m_skipped], [m["loss"] for m in m_kept], rtol=1e-5)
+    a, b = (stored_params(str(tmp_path / run / "checkpoints" / "2")) for run in ("skipped", "kept"))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
+
+
+def test_vgg_teacher_stride_must_be_8_or_16(tmp_path):
+    with pytest.raises(ValueError, match="teacher.stride must be 8"):
+        trainer.train(small_config("teacher.stride=4"), str(tmp_path))

@@ -1,0 +1,25 @@
+"""One folder per recipe: what it trains, evaluates and serves.
+
+  tokenizer/  train, losses, teacher, frozen (a trained tokenizer loaded for the other recipes), reconstruct,
+              evaluate, tokenize (datasets into image-token shards)
+  t2i/        setup, tokens (the shard stream), train, sample (batch generation), evaluate (ShapesEval)
+  vlm/        setup, train, answer (chat and batched answers), evaluate (VQA accuracy)
+
+A recipe reaches another only through ``recipes.tokenizer.frozen``. Each ``train`` module exposes
+``train(config, workdir)`` and ``aot_programs(config, mesh, rules)`` (for ``tokenflow-jax compile``).
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+RECIPES = ("tokenizer", "t2i", "vlm")
+
+
+def trainer(config) -> ModuleType:
+    """The trainer module of ``config.recipe``; a clear error for a config that names none."""
+    recipe = config.get("recipe", "")
+    if recipe not in RECIPES:
+        raise ValueError(f"config.recipe {recipe!r} has no trainer; known recipes: {sorted(RECIPES)}")
+    # Imported on demand: each trainer pulls in its own heavy dependencies (the VGG teacher, transformers).
+    return importlib.import_module(f"tokenflow_jax.recipes.{recipe}.train")

@@ -1,0 +1,2 @@
+"""Text-to-image: next-scale prediction over the tokenizer's codes (setup, token shards, training, batch
+sampling, ShapesEval)."""

@@ -1,0 +1,329 @@
+"""``tokenflow-jax generate``: batch image generation with a trained next-scale t2i model.
+
+    tokenflow-jax generate --config configs/sample.py:tiny --checkpoint RUN/checkpoints --prompts FILE \\
+        --out DIR [--per-prompt N] [--seed S]
+
+Writes ``DIR/images/{prompt:05d}_{sample:02d}.png`` per image, ``DIR/grids/{prompt:05d}.png`` per prompt
+and ``DIR/manifest.jsonl`` (prompt, indices, seed, file, settings; one line per image). Jobs (prompt i,
+sample j) run in global batches of ``config.batch_size`` sharded over the mesh's devices and processes;
+each process encodes, decodes and writes only its own rows (and its own ``manifest.P#####.jsonl``,
+merged into ``manifest.jsonl`` at the end). Image (i, j) is drawn with the key fold_in(fold_in(seed, i), j),
+so it is the same image whatever batch it lands in, and re-running the command skips every batch whose
+images all exist. The :class:`ImageGenerator` is the reusable core (ShapesEval uses it in memory).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from tokenflow_jax import checkpoint, parallel, prng
+from tokenflow_jax import config as config_lib
+from tokenflow_jax.data import pipeline
+from tokenflow_jax.models import t2i, t2i_sampler
+from tokenflow_jax.models import tokenizer as tokenizer_lib
+from tokenflow_jax.ops import sampling
+from tokenflow_jax.recipes.t2i import setup as t2i_setup
+from tokenflow_jax.recipes.tokenizer import frozen
+from tokenflow_jax.train import loop
+from tokenflow_jax.utils import batching
+from tokenflow_jax.utils import images as image_utils
+
+logger = logging.getLogger(__name__)
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file (one per non-empty line) or JSON lines with a ``prompt`` field."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not a JSON line ({e})") from e
+                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                    raise ValueError(f"{path}:{number}: expected an object with a string 'prompt' field")
+                line = record["prompt"]
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"prompt file {path!r} has no prompts (empty lines are skipped)")
+    return prompts
+
+
+def t2i_run_config(sample_config, checkpoint_dir: str):
+    """The t2i config recorded in ``checkpoint_dir`` (or ``sample_config.model_config`` when none is)."""
+
+    if checkpoint.latest_step(checkpoint_dir) is None:
+        raise FileNotFoundError(f"--checkpoint {checkpoint_dir!r}: no t2i checkpoint there (expected a training "
+                                "run's checkpoints directory, e.g. WORKDIR/checkpoints)")
+    meta = checkpoint.read_meta(checkpoint_dir)
+    if meta.get("recipe") not in (None, "t2i"):
+        raise ValueError(f"--checkpoint {checkpoint_dir!r} holds a {meta.get('recipe')!r} run, not a t2i model")
+    spec = meta.get("config_spec") or sample_config.model_config
+    config = config_lib.build_config(spec, list(meta.get("config_overrides", [])) if meta.get("config_spec") else [])
+    if sample_config.get("tokenizer_checkpoint"):
+        config.tokenizer.checkpoint = sample_config.tokenizer_checkpoint
+    return config
+
+
+def clipped(schedule: sampling.SamplingSchedule, codebook_size: int) -> sampling.SamplingSchedule:
+    """``schedule`` with top-k values above K set to K (the reference's 1200 on a 1024-code tokenizer)."""
+    return dataclasses.replace(schedule, top_k=tuple(min(k, codebook_size) for k in schedule.top_k))
+
+
+def schedule_from_config(sample_cfg, codebook_size: int) -> sampling.SamplingSchedule:
+    """The multi-step schedule (``loops`` preset or explicit lists), top-k clipped to the codebook size."""
+    schedule = (sampling.SamplingSchedule.preset(sample_cfg.loops) if sample_cfg.loops
+                else sampling.SamplingSchedule(tuple(sample_cfg.top_k), tuple(sample_cfg.top_p)))
+    return clipped(schedule, codebook_size)
+
+
+def make_sample_fn(model: t2i.NextScaleT2I, decode, *, seed: int, cfg_scale: float,
+                   schedule: sampling.SamplingSchedule, cached: bool = True):
+    """``(params, tok_vars, codebook [K, C], batch) -> (indices [B, N], uint8 images [B, H, W, 3])`` (to jit).
+
+    batch: text_ids, text_mask, uncond_ids, uncond_mask [B, P]; prompt_index, sample_index [B].
+    """
+    fn = t2i_sampler.sample_cached if cached else t2i_sampler.sample_full_recompute
+
+    def run(params, tok_vars, codebook, batch):
+        # threefry: its draws under vmap do not depend on the batch size (rbg's do), which is what
+        # makes image (i, j) the same in any batch.
+        base = prng.make_key(seed, impl="threefry2x32")
+        keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(
+            batch["prompt_index"], batch["sample_index"])
+        indices = fn(model, {"params": params}, codebook, batch["text_ids"], batch["text_mask"],
+                     batch["uncond_ids"], batch["uncond_mask"], keys, cfg_scale=cfg_scale, schedule=schedule)
+        return indices, decode(tok_vars, indices)
+
+    return run
+
+
+def aot_programs(config, mesh, rules) -> list:
+    """The sampler (``tokenflow-jax compile --config configs/sample.py:VARIANT``) on abstract inputs: the model
+    of ``config.model_config`` and its tokenizer, one global batch of ``config.batch_size`` prompts."""
+
+    t2i_config = config_lib.load_config(config.model_config)
+    rules = parallel.rules_from_config(t2i_config.mesh)  # as ImageGenerator
+    tok_config = frozen.tokenizer_config(t2i_config)
+    model_cfg = t2i_setup.model_config(t2i_config, tok_config)
+    model = t2i.NextScaleT2I(model_cfg)
+    tok_model = tokenizer_lib.build(tok_config)
+    p, n = model_cfg.text_length, model_cfg.num_tokens
+    shapes = ((1, p), jnp.int32), ((1, p), jnp.int32), ((1, n, model_cfg.code_dim), jnp.float32)
+    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in shapes))
+        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
+    params = checkpoint.abstract_target(parallel.unbox_without_constraints(boxed)["params"], param_sh)
+    tok_vars = frozen.abstract_tokenizer_variables(tok_model, mesh)
+    codebook = jax.ShapeDtypeStruct((model_cfg.codebook_size, model_cfg.code_dim), jnp.float32,
+                                    sharding=frozen.replicated(mesh))
+    b = int(config.batch_size)
+    batch = {name: loop.abstract_batch(mesh, (b, p), jnp.int32, "config.batch_size")
+             for name in ("text_ids", "text_mask", "uncond_ids", "uncond_mask")}
+    batch.update({name: loop.abstract_batch(mesh, (b,), jnp.int32, "config.batch_size")
+                  for name in ("prompt_index", "sample_index")})
+    fn = jax.jit(make_sample_fn(model, frozen.decode_indices_fn(tok_model), seed=int(config.seed),
+                                cfg_scale=float(config.sample.cfg_scale),
+                                schedule=schedule_from_config(config.sample, model_cfg.codebook_size),
+                                cached=bool(config.sample.cached)))
+    return [loop.Program("sample", fn, (params, tok_vars, codebook, batch), rules=rules)]
+
+
+class ImageGenerator:
+    """A restored t2i model + its tokenizer, sampling and decoding batches of prompts on a mesh."""
+
+    def __init__(self, sample_config, checkpoint_dir: str, mesh=None):
+        self.config = sample_config
+        self.t2i_config = t2i_run_config(sample_config, checkpoint_dir)
+        self.mesh = mesh or parallel.mesh_from_config(sample_config.mesh)
+        self.rules = parallel.rules_from_config(self.t2i_config.mesh)
+        tok_config = frozen.tokenizer_config(self.t2i_config)
+        self.text_tokenizer, self.encoder = t2i_setup.text_parts(self.t2i_config)
+        model_cfg = t2i_setup.model_config(self.t2i_config, tok_config, self.text_tokenizer)
+        self.model = t2i.NextScaleT2I(model_cfg)
+        self.params = self._restore(checkpoint_dir)
+        tok_checkpoint = self.t2i_config.tokenizer.get("checkpoint", "")
+        self.tok_model, self.tok_vars = frozen.load_tokenizer(tok_config, tok_checkpoint or None, mesh=self.mesh)
+        self.codebook = frozen.codebook_vectors(self.tok_model, self.tok_vars)
+        self.decode = frozen.decode_indices_fn(self.tok_model)
+        uncond = self.encoder([sample_config.sample.uncond_prompt])  # the same row for every prompt
+        self.uncond_ids, self.uncond_mask = uncond.ids, uncond.mask
+        self.schedule = schedule_from_config(sample_config.sample, model_cfg.codebook_size)
+        self.image_size = tok_config.model.image_size
+        self._samplers: dict[Any, Any] = {}
+
+    def _restore(self, checkpoint_dir: str) -> Any:
+        cfg = self.model.config
+        p, n = cfg.text_length, cfg.num_tokens
+        dummy = (jnp.zeros((1, p), jnp.int32), jnp.ones((1, p), jnp.int32), jnp.zeros((1, n, cfg.code_dim)))
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            boxed = jax.eval_shape(self.model.init, prng.make_key(0), *dummy)
+            shardings = parallel.shardings_from_abstract(boxed, self.mesh, self.rules)
+        target = checkpoint.abstract_target(parallel.unbox_without_constraints(boxed), shardings)
+        return checkpoint.restore_variables(checkpoint_dir, {"params": target["params"]})["params"]
+
+    def settings(self, schedule: sampling.SamplingSchedule | None = None) -> dict[str, Any]:
+        s = self.config.sample
+        schedule = schedule or self.schedule
+        return {"preset": s.get("preset", ""), "cfg_scale": float(s.cfg_scale), "top_k": list(schedule.top_k),
+                "top_p": list(schedule.top_p),
+                "uncond_prompt": s.uncond_prompt, "cached": bool(s.cached), "seed": int(self.config.seed),
+                "model": self.t2i_config.get("config_spec", "")}
+
+    def _sampler(self, schedule: sampling.SamplingSchedule):
+        if schedule not in self._samplers:
+            self._samplers[schedule] = jax.jit(make_sample_fn(
+                self.model, self.decode, seed=int(self.config.seed), cfg_scale=float(self.config.sample.cfg_scale),
+                schedule=schedule, cached=bool(self.config.sample.cached)))
+        return self._samplers[schedule]
+
+    def sample(self, prompts: Sequence[str], prompt_index: Sequence[int], sample_index: Sequence[int],
+               schedule: sampling.SamplingSchedule | None = None) -> tuple[jax.Array, jax.Array, np.ndarray]:
+        """This process's rows -> global (indices [G, N], uint8 images [G, H, W, 3]) and the local truncation
+        flags [B]. Every process calls it with the same number of rows."""
+
+        texts = self.encoder(list(prompts))
+        rows = len(prompts)
+        host = {"text_ids": texts.ids, "text_mask": texts.mask, "uncond_ids": np.repeat(self.uncond_ids, rows, 0),
+                "uncond_mask": np.repeat(self.uncond_mask, rows, 0),
+                "prompt_index": np.asarray(prompt_index, np.int32), "sample_index": np.asarray(sample_index, np.int32)}
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            batch = pipeline.to_global_batch(host, self.mesh)
+            indices, images = self._sampler(schedule or self.schedule)(self.params, self.tok_vars, self.codebook, batch)
+        return indices, images, texts.truncated
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in global order (replicas dropped)."""
+    rows = {}
+    for shard in array.addressable_shards:
+        start = shard.index[0].start or 0
+        rows.setdefault(start, np.asarray(shard.data))
+    return np.concatenate([rows[k] for k in sorted(rows)], axis=0)
+
+
+def image_name(prompt_index: int, sample_index: int) -> str:
+    return f"{prompt_index:05d}_{sample_index:02d}.png"
+
+
+def run(config, checkpoint_dir: str, prompts_file: str, out_dir: str, per_prompt: int | None = None,
+        seed: int | None = None) -> int:
+    """The ``generate`` command; returns the exit code."""
+    from tqdm import tqdm
+
+
+    with config.unlocked():
+        if per_prompt is not None:
+            config.per_prompt = per_prompt
+        if seed is not None:
+            config.seed = seed
+    if config.per_prompt < 1:
+        raise ValueError(f"--per-prompt must be >= 1, got {config.per_prompt}")
+    prompts = read_prompts(prompts_file)
+    generator = ImageGenerator(config, checkpoint_dir)
+    process, count = jax.process_index(), jax.process_count()
+    global_batch = int(config.batch_size)
+    local = pipeline.local_batch_size(global_batch, count)
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(config.per_prompt)]
+    num_real = len(jobs)
+    jobs = batching.pad_rows(jobs, batching.round_up(len(jobs), global_batch))  # padding: computed, never written
+    num_batches = len(jobs) // global_batch
+    image_dir, grid_dir = os.path.join(out_dir, "images"), os.path.join(out_dir, "grids")
+    os.makedirs(image_dir, exist_ok=True)
+
+    def mine(b: int) -> list[tuple[int, int, int]]:
+        """(global job number, prompt, sample) of this process's rows of batch b."""
+        first = b * global_batch + process * local
+        return [(g, *jobs[g]) for g in range(first, first + local)]
+
+    # A batch is skipped when every process has written all its rows (agreed over processes: files may live
+    # on per-host disks), so every process runs the same sampler calls.
+    done_here = np.array([all(os.path.exists(os.path.join(image_dir, image_name(i, j))) for _, i, j in mine(b))
+                          for b in range(num_batches)])
+    done = np.asarray(multihost_utils.process_allgather(done_here)).reshape(count, -1).all(axis=0) if count > 1 \
+        else done_here
+    todo = [b for b in range(num_batches) if not done[b]]
+    logger.info("%d prompts x %d samples = %d images; %d of %d batches of %d already written", len(prompts),
+                config.per_prompt, len(prompts) * config.per_prompt, num_batches - len(todo), num_batches, global_batch)
+    settings = generator.settings()
+    manifest_part = os.path.join(out_dir, f"manifest.P{process:05d}.jsonl")
+    truncated_prompts: set[int] = set()
+    written, start_time = 0, time.time()
+    with open(manifest_part, "a", encoding="utf-8") as manifest, \
+            tqdm(total=len(todo) * global_batch, disable=process != 0, unit="img", desc="generate") as bar:
+        for b in todo:
+            rows = mine(b)
+            indices, images, truncated = generator.sample([prompts[i] for _, i, _ in rows], [i for _, i, _ in rows],
+                                                          [j for _, _, j in rows])
+            images, indices = local_rows(images), local_rows(indices)
+            for r, (g, i, j) in enumerate(rows):
+                if g >= num_real:
+                    continue
+                name = image_name(i, j)
+                tmp = os.path.join(image_dir, f".{name}.tmp")
+                Image.fromarray(images[r]).save(tmp, format="PNG")
+                os.replace(tmp, os.path.join(image_dir, name))  # never a half-written PNG under the final name
+                if truncated[r]:
+                    truncated_prompts.add(i)
+                manifest.write(json.dumps({"prompt_index": i, "sample_index": j, "prompt": prompts[i],
+                                           "file": os.path.join("images", name), "truncated": bool(truncated[r]),
+                                           "indices": indices[r].tolist(), **settings}) + "\n")
+                written += 1
+            manifest.flush()
+            bar.update(global_batch)
+    for i in sorted(truncated_prompts):
+        logger.warning("prompt %d was longer than the text prefix (%d tokens) and was truncated: %r", i,
+                       generator.encoder.length, prompts[i][:80])
+    elapsed = time.time() - start_time
+    if count > 1:
+        multihost_utils.sync_global_devices("generate: all images written")
+    if process == 0:
+        merge_manifests(out_dir)
+        if config.grid:
+            write_grids(image_dir, grid_dir, len(prompts), config.per_prompt, image_utils.image_grid)
+    print(f"wrote {written} images on this process in {elapsed:.1f} s ({written / max(elapsed, 1e-9):.2f} images/s); "
+          f"{len(truncated_prompts)} truncated prompts; output: {out_dir}")
+    return 0
+
+
+def merge_manifests(out_dir: str) -> None:
+    """``manifest.P*.jsonl`` -> ``manifest.jsonl``, one line per (prompt, sample), the newest kept, sorted."""
+    entries = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "manifest.P*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    entries[(record["prompt_index"], record["sample_index"])] = line.rstrip("\n") + "\n"
+    with open(os.path.join(out_dir, "manifest.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(entries[k] for k in sorted(entries))
+
+
+def write_grids(image_dir: str, grid_dir: str, num_prompts: int, per_prompt: int, image_grid) -> None:
+    """One PNG per prompt with its samples side by side (prompts with a missing sample are skipped)."""
+    os.makedirs(grid_dir, exist_ok=True)
+    for i in range(num_prompts):
+        paths = [os.path.join(image_dir, image_name(i, j)) for j in range(per_prompt)]
+        if all(os.path.exists(p) for p in paths):
+            row = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+            Image.fromarray(image_grid([row])).save(os.path.join(grid_dir, f"{i:05d}.png"))

@@ -1,0 +1,150 @@
+"""Answering questions about images with a trained VLM: ``tokenflow-jax chat`` and the batched answerer
+that ``eval-vqa`` uses.
+
+    vqa = VqaModel.load(config, "RUN/checkpoints")                 # restores params, frozen tokenizer
+    answers = vqa.answer(images_uint8 [B, H, W, 3], ["How many circles are there?", ...])
+    for piece in vqa.stream(image, "What colour is the square?"): print(piece, end="")
+
+Images are preprocessed as in training (``data.aspect``: pad to square with the mean grey or plain
+resize, to the tokenizer's size, [-1, 1]); each question becomes the template's generation prompt with
+the image placeholder expanded to the T feature positions, prompts are left-padded to a common length
+and decoded with the KV cache (``models/vlm_generate.py``). A batch is sharded over the mesh's data axes;
+every process passes the same full batch and gets every answer back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from tokenflow_jax import checkpoint, parallel, prng
+from tokenflow_jax.data import conversation, llava
+from tokenflow_jax.data import images as image_io
+from tokenflow_jax.models import vlm
+from tokenflow_jax.models.vlm_generate import AnswerDecoder
+from tokenflow_jax.recipes.vlm import setup as vlm_setup
+from tokenflow_jax.train import loop
+from tokenflow_jax.utils import batching
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class VqaModel:
+    config: Any
+    model: vlm.VLM
+    params: Any
+    tok_model: Any
+    tok_vars: Any
+    tokenizer: Any
+    generator: AnswerDecoder
+    mesh: Any
+    image_size: int
+    encode: Any  # jitted (tokenizer variables, images [B, S, S, 3]) -> features [B, T, C]
+
+    @classmethod
+    def load(cls, config, checkpoint_dir: str) -> VqaModel:
+        """Builds the model of ``config`` and restores its parameters from ``checkpoint_dir`` (mismatches are
+        listed key by key before anything compiles)."""
+        mesh, rules = loop.mesh_and_rules(config)
+        tok_model, tok_vars, tok_config = vlm_setup.load_image_tokenizer(config, mesh)
+        tokenizer = vlm_setup.text_tokenizer(config)
+        model_cfg = vlm_setup.model_config(config, tok_config, tokenizer)
+        model = vlm.VLM(model_cfg)
+        dummy = (jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, model_cfg.num_image_tokens, model_cfg.feature_dim)))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            boxed = jax.eval_shape(model.init, prng.make_key(0), *dummy)
+            shardings = parallel.shardings_from_abstract(boxed, mesh, rules)
+        target = checkpoint.abstract_target(parallel.unbox_without_constraints(boxed), shardings)
+        params = checkpoint.restore_variables(checkpoint_dir, target)["params"]
+        g = config.generate
+
+        generator = AnswerDecoder(model, max_new_tokens=int(g.max_new_tokens),
+                              stop_ids=conversation.stop_ids(tokenizer, config.text.template),
+                              pad_id=int(tokenizer.pad_token_id), temperature=float(g.temperature),
+                              top_k=int(g.top_k), top_p=float(g.top_p))
+        logger.info("loaded the VLM from %s (%d image tokens, template %s)", checkpoint_dir,
+                    model_cfg.num_image_tokens, config.text.template)
+        kind = config.model.features
+        encode = jax.jit(lambda v, x: vlm.visual_features(tok_model, v, x, kind))
+        return cls(config, model, params, tok_model, tok_vars, tokenizer, generator, mesh,
+                   int(tok_config.model.image_size), encode)
+
+    # -- inputs --------------------------------------------------------------------------------------
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] (any size) -> float32 [S, S, 3] in [-1, 1], as the training pipeline does."""
+
+        return llava.preprocess_image(image, self.image_size, self.config.data.aspect)
+
+    def prompts(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded prompt ids and mask [B, P] (P = the longest prompt)."""
+
+        rows = [np.asarray(conversation.generation_prompt(
+            q, self.tokenizer, self.config.text.template, num_image_tokens=self.model.config.num_image_tokens))
+            for q in questions]
+        length = max(len(r) for r in rows)
+        ids = np.full((len(rows), length), int(self.tokenizer.pad_token_id), np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for b, r in enumerate(rows):
+            ids[b, length - len(r):], mask[b, length - len(r):] = r, 1
+        return ids, mask
+
+    # -- entry points --------------------------------------------------------------------------------
+
+    def answer(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> list[str]:
+        """Greedy (or configured) answers for a batch (padded by repetition to divide over the data axes)."""
+        n = len(questions)
+        ways = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")]))
+        rows = batching.pad_rows(list(range(n)), batching.round_up(n, ways))
+        pixels = np.stack([self.preprocess(np.asarray(images[i])) for i in rows])
+        ids, mask = self.prompts([questions[i] for i in rows])
+        with jax.set_mesh(self.mesh):
+            features = self.encode(self.tok_vars, _sharded(pixels, self.mesh))
+            tokens, lengths = self.generator.batch(self.params, _sharded(ids, self.mesh), _sharded(mask, self.mesh),
+                                                   features)
+            tokens, lengths = (np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in (tokens, lengths))
+        return [self.tokenizer.decode(t[:k].tolist(), skip_special_tokens=True).strip()
+                for t, k in zip(tokens[:n], lengths[:n])]
+
+    def stream(self, image: np.ndarray, question: str) -> Iterator[str]:
+        """The answer to one question, yielded as text pieces while it is decoded."""
+        pixels = self.preprocess(np.asarray(image))[None]
+        ids, mask = self.prompts([question])
+        features = self.encode(self.tok_vars, pixels)
+        tokens: list[int] = []
+        shown = ""
+        for token in self.generator.stream(self.params, ids, mask, features):
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+                yield text[len(shown):]
+                shown = text
+
+
+def _sharded(x: np.ndarray, mesh) -> jax.Array:
+    """A full host batch (the same on every process) -> a global array split over the data axes."""
+    sharding = parallel.data_sharding(mesh, x.ndim)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def chat(config, checkpoint_dir: str, image_path: str, prompt: str, out=None) -> int:
+    """``tokenflow-jax chat``: streams the answer to ``prompt`` about the image at ``image_path`` to ``out``
+    (default: the current ``sys.stdout``, looked up at call time)."""
+
+    out = sys.stdout if out is None else out
+    image = np.asarray(image_io.read_image(image_path))
+    vqa = VqaModel.load(config, checkpoint_dir)
+    for piece in vqa.stream(image, prompt):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0

@@ -1,0 +1,237 @@
+"""What every trainer's loop shares: preemption handling, metric logging, image grids, state shardings."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+from typing import Any
+
+import flax.struct
+import jax
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tokenflow_jax import checkpoint, parallel, prng
+from tokenflow_jax.train import optim
+from tokenflow_jax.utils import trees
+
+logger = logging.getLogger(__name__)
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (and SIGINT) into a flag the loop checks at step boundaries, so the trainer can save
+    a checkpoint and exit cleanly instead of dying mid-step. A second signal exits at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.requested = False
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise SystemExit(128 + signum)
+        logger.warning("received signal %d: saving a checkpoint at the end of this step, then exiting", signum)
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def flatten_metrics(metrics: dict[str, Any], scale_names: list[str] | None = None) -> dict[str, float]:
+    """Scalars stay; vectors (e.g. per-scale perplexity) become name/scale_k entries."""
+    out = {}
+    for name, value in metrics.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            out[name] = float(value)
+        else:
+            for i, v in enumerate(value.reshape(-1)):
+                label = scale_names[i] if scale_names and len(scale_names) == value.size else str(i)
+                out[f"{name}/{label}"] = float(v)
+    return out
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+    """A NaN or inf loss stops the run with the offending names (big_vision does the same)."""
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        raise FloatingPointError(f"non-finite metrics at step {step}: {bad}")
+
+
+def optimizer_state_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Optimizer moments take their parameter's sharding; counts and other scalars are replicated.
+
+    A state leaf belongs to a parameter when its path ends with that parameter's full path (optax keeps
+    moments in trees shaped like the params, under ``mu``/``nu``/``inner_states[...]``); frozen
+    parameters appear as leafless ``MaskedNode``s and need nothing.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_path = {
+        tuple(trees.path_key_name(k) for k in path): sharding
+        for path, sharding in jax.tree_util.tree_flatten_with_path(
+            param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
+    }
+
+    def pick(path, leaf):
+        keys = tuple(trees.path_key_name(k) for k in path)
+        for start in range(len(keys)):
+            sharding = by_path.get(keys[start:])
+            if sharding is not None and len(sharding.spec) <= len(leaf.shape):
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def mesh_and_rules(config):
+    """The run's mesh (``config.mesh``) and logical-axis rules (``config.mesh.rules``, default the project's)."""
+
+    mesh = parallel.mesh_from_config(config.mesh)
+    rules = parallel.rules_from_config(config.mesh)
+    logger.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    return mesh, rules
+
+
+def save_if_due(ckpt, guard: PreemptionGuard, done: int, num_steps: int, every: int, *items) -> bool:
+    """``ckpt.save(done, *items)`` every ``every`` steps, at the last step and when a termination was requested
+    (SIGTERM, or a preemption the cluster announced); returns True when the loop must stop after this step."""
+    stop = guard.requested or ckpt.reached_preemption(done)
+    if done % every == 0 or done == num_steps or stop:
+        ckpt.save(done, *items, force=True)
+    if stop:
+        logger.warning("stopping at step %d after a termination request; checkpoint saved", done)
+    return stop
+
+
+def merge_trees(base: dict, update: dict) -> dict:
+    """``base`` with every leaf present in ``update`` replaced (nested dicts merged, others kept)."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge_trees(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One jitted program on abstract inputs, for ``tokenflow-jax compile`` (see tokenflow_jax/compile.py).
+
+    A recipe module exposes ``aot_programs(config, mesh, rules) -> list[Program]``: its real train step (or
+    sampler) with ``jax.ShapeDtypeStruct`` arguments that carry the run's shardings, built without data,
+    weights or any array on the mesh's devices.
+    """
+    name: str  # e.g. 'train_step', 'sample'
+    fn: Any  # the jax.jit-wrapped function, with the run's in/out shardings and donation
+    args: tuple  # abstract arguments (ShapeDtypeStructs with shardings)
+    state_index: int | None = None  # which argument is the train state (its bytes are reported), if any
+    rules: tuple | None = None  # logical-axis rules to trace under (default: the config's config.mesh.rules)
+
+
+def abstract_batch(mesh: Mesh, shape: tuple[int, ...], dtype,
+                   field: str = "config.train.global_batch_size") -> jax.ShapeDtypeStruct:
+    """A global batch-leading input as ``pipeline.to_global_batch`` shards it (batch over the data axes).
+
+    Raises ValueError naming ``field`` when the batch does not divide over those axes, as the run would.
+    """
+
+    sharding = parallel.data_sharding(mesh, len(shape))
+    axes = sharding.spec[0] or ()
+    ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    if shape[0] % ways:
+        raise ValueError(f"{field}={shape[0]} does not divide over the {ways} data-parallel devices of mesh "
+                         f"{dict(mesh.shape)} (batch axes {axes}); change {field} or config.mesh.shape")
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def restorable_data_iterator(ckpt, step: int, data_iter):
+    """``data_iter`` when the checkpoint at ``step`` holds this process's iterator position, else None.
+
+    The data item is one file per process and process count (grain's ``process_{i}-of-{n}.json``): a run
+    resumed with another number of processes restores the model and optimizer exactly, but each process's
+    data stream (its own shard and shuffle) starts over, with a warning.
+    """
+
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    data_dir = epath.Path(str(ckpt.directory)) / str(step) / checkpoint.DATA
+    if not data_dir.exists() or (data_dir / name).exists():
+        return data_iter
+    written = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("process_"))
+    logger.warning("checkpoint step %d was written by another number of processes (data positions %s, this run "
+                   "needs %s): model and optimizer state are restored, each process's data stream starts over",
+                   step, written, name)
+    return None
+
+
+# ------------------------------------------------------------------------- decoder trainers' state
+@flax.struct.dataclass
+class TrainState:
+    """Parameters, optimizer state and step of the t2i and VLM trainers (the tokenizer's has more)."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def rest_of_state(state: TrainState) -> dict[str, Any]:
+    """The checkpoint's ``train_state`` item: everything but the parameters."""
+    return {"step": state.step, "opt_state": state.opt_state}
+
+
+def resume_state(ckpt, start: int, step: Step, data_iter) -> TrainState:
+    """The state at ``start`` from the workdir's checkpoints on ``step``'s shardings; ``data_iter`` continues
+    from its saved position when this process count wrote it (:func:`restorable_data_iterator`)."""
+    abstract, shardings = step.abstract_state, step.state_sh
+    variables, rest = ckpt.restore(start, {"params": checkpoint.abstract_target(abstract.params, step.param_sh)},
+                                   checkpoint.abstract_target(rest_of_state(abstract), rest_of_state(shardings)),
+                                   restorable_data_iterator(ckpt, start, data_iter))
+    return TrainState(step=rest["step"], params=variables["params"], opt_state=rest["opt_state"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A run's abstract state on a mesh, its shardings, the optimizer and the jitted update step."""
+    abstract_state: TrainState
+    state_sh: TrainState
+    param_sh: Any
+    labels: Any  # 'train' / 'freeze' per parameter
+    tx: Any
+    init_state: Any  # key -> TrainState (not jitted)
+    step_fn: Any  # jitted (state, *other_args) -> (state, metrics), state donated
+
+
+def build_step(config, model, init_inputs, make_train_step, mesh: Mesh, rules, *, other_in_shardings=(None, None),
+               trainable=(), frozen=()) -> Step:
+    """Shardings from ``jax.eval_shape`` of ``model.init`` and the jitted update step
+    ``make_train_step(tx, labels)``. Creates no array on ``mesh``'s devices, so it also serves ahead-of-time
+    compiles for TPU topologies.
+
+    init_inputs: ((shape, dtype), ...) of the dummy arguments of ``model.init``; other_in_shardings: those of
+    the step's arguments after the state; trainable / frozen: the optimizer's parameter regexes.
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+
+    def init_state(key) -> TrainState:
+        params = nn.unbox(model.init(key, *(jnp.zeros(*s) for s in init_inputs)))["params"]
+        tx, _ = optim.make_optimizer(config.optim, params, trainable, frozen)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in init_inputs))
+        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
+        abstract_state = jax.eval_shape(init_state, key)
+        tx, labels = optim.make_optimizer(config.optim, abstract_state.params, trainable, frozen)
+        state_sh = TrainState(step=NamedSharding(mesh, PartitionSpec()), params=param_sh,
+                              opt_state=optimizer_state_shardings(abstract_state.opt_state, param_sh, mesh))
+        parallel.check_replication(abstract_state.params, param_sh, mesh,
+                                   config.mesh.get("max_replicated_fraction", 0.05))
+    step_fn = jax.jit(make_train_step(tx, labels), in_shardings=(state_sh, *other_in_shardings),
+                      out_shardings=(state_sh, None), donate_argnums=0)
+    return Step(abstract_state, state_sh, param_sh, labels, tx, init_state, step_fn)
