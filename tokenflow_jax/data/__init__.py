@@ -3,14 +3,14 @@
   images.py        read any image into RGB (ImageReadError otherwise), ADM centre crop, [-1, 1] <-> uint8
   sources.py       ImageFolderSource, TfdsSource, ShapesSource (random access, picklable)
   array_record.py  write_array_record / ArrayRecordSource: our msgpack-per-record files
-  shapes.py        the procedural shapes dataset: sample_scene, render, caption, metadata
+  token_shards.py  the image-token shard format (manifest, TokenizedSource) `tokenize` writes, t2i reads
   transforms.py    ADM random-resized crop, centre crop, flip, normalise
   decode.py        robust decoding: convert what can be converted, replace/flag and count the rest
   steps.py         the pipeline's picklable grain steps
   pipeline.py      make_dataset(config.data, ...), to_global_batch, image_stats
-  text.py          text tokenizers (builtin:shapes, AutoTokenizer) and the t2i prefix (PromptEncoder)
-  tokenize.py      `tokenflow-jax tokenize`: image tokens + captions into ArrayRecord shards, manifest
-  token_stream.py  the t2i training stream over those shards
+  text.py          text tokenizers (builtin:shapes, builtin:shapes_chat, AutoTokenizer; sentencepiece for Llama
+                   prompts) and the t2i prefix (PromptEncoder)
+  conversation.py  chat templates and label masks; llava.py: LLaVA JSONL records
 
 Submodules are imported explicitly (``from tokenflow_jax.data import pipeline``) so that reading an image
 does not pull in grain or TFDS.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tokenflow_jax import config as config_lib
+from tokenflow_jax.data import token_shards
 from tokenflow_jax.recipes.t2i import train as t2i_trainer
 from tokenflow_jax.recipes.tokenizer import frozen
 from tokenflow_jax.train import llm_init
@@ -126,12 +127,11 @@ def _init_params(config):
 def test_tokenized_shards_feed_training_and_a_mismatch_is_refused(tmp_path):
     from tokenflow_jax import cli
     from tokenflow_jax.recipes.t2i.tokens import build_token_dataset
-    from tokenflow_jax.recipes.tokenizer import tokenize
 
     tokens = str(tmp_path / "tokens")
     assert cli.main(["tokenize", "--config", "configs/tokenizer.py:tiny", "--data", "shapes", "--num-images", "16",
                      "--batch-size", "8", "--out", tokens]) == 0
-    source = tokenize.tokenized_source(tokens)
+    source = token_shards.tokenized_source(tokens)
     batch = next(iter(build_token_dataset(source, num_tokens=121, global_batch_size=8, seed=0)))
     assert batch["indices"].shape == (8, 121) and batch["indices"].dtype == np.int32
     for row, index in enumerate(batch["index"]):  # shuffled records, each delivered whole

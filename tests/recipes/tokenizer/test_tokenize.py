@@ -12,10 +12,10 @@ import pytest
 
 from tokenflow_jax import cli
 from tokenflow_jax import config as config_lib
-from tokenflow_jax.data import transforms
+from tokenflow_jax.data import token_shards, transforms
 from tokenflow_jax.data.array_record import ArrayRecordSource
 from tokenflow_jax.data.sources import ShapesSource
-from tokenflow_jax.recipes.tokenizer import frozen, tokenize
+from tokenflow_jax.recipes.tokenizer import frozen
 
 SMALL = ["model.image_size=32", "data.image_size=32", "model.semantic_encoder.pos_grid=4",
          "model.semantic_decoder.pos_grid=4", "quantizer.scales=(1, 2, 4)", "quantizer.codebook_size=64"]
@@ -30,7 +30,7 @@ def tokenize_cli(out, *extra: str) -> int:
 
 
 def by_index(directory) -> dict[int, dict]:
-    source = tokenize.tokenized_source(str(directory))
+    source = token_shards.tokenized_source(str(directory))
     records = [source[i] for i in range(len(source))]
     assert sorted(collections.Counter(r["index"] for r in records).values()) == [1] * len(records)
     return {r["index"]: r for r in records}
@@ -57,7 +57,7 @@ def tokenized(tmp_path_factory):
 
 def test_shards_hold_the_tokenizers_codes_for_every_image_once(tokenized, reference):
     ref_indices, ref_captions = reference
-    manifest = tokenize.read_manifest(str(tokenized))
+    manifest = token_shards.read_manifest(str(tokenized))
     assert (manifest["scales"], manifest["codebook_size"], manifest["image_size"]) == ([1, 2, 4], 64, 32)
     assert manifest["tokens_per_image"] == 21 and manifest["indices_dtype"] == "uint16"
     assert manifest["num_records"] == NUM_IMAGES and manifest["num_bad_images"] == 0
@@ -86,7 +86,7 @@ def test_a_rerun_recomputes_only_the_missing_chunk_even_on_another_mesh(tokenize
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
     with pytest.raises(ValueError, match="incomplete"):
-        tokenize.tokenized_source(str(out))
+        token_shards.tokenized_source(str(out))
 
     # Resumed on (data, fsdp, tensor) = (2, 2, 2): the batch over data x fsdp, the weights over fsdp and
     # tensor, so each process-local row comes back from two replicas; the codes must not change.
@@ -114,7 +114,7 @@ def test_another_tokenizer_or_chunk_layout_is_refused(tokenized, tmp_path, capsy
     assert "quantizer.codebook_size: 64 there, 512 now" in err and "another --out" in err
     assert tokenize_cli(out, "--chunk-size", "4") == 2
     assert "chunk_size: 8 there, 4 now" in capsys.readouterr().err
-    assert tokenize.read_manifest(str(out)) == tokenize.read_manifest(str(tokenized))  # left alone
+    assert token_shards.read_manifest(str(out)) == token_shards.read_manifest(str(tokenized))  # left alone
 
 
 def test_undecodable_images_are_left_out_and_counted(broken_folder, tmp_path):
@@ -128,6 +128,6 @@ def test_undecodable_images_are_left_out_and_counted(broken_folder, tmp_path):
     records = by_index(out)
     assert set(records) == good
     assert records[0]["caption"] == "a red rectangle" and records[2]["caption"] == ""
-    manifest = tokenize.read_manifest(str(out))
+    manifest = token_shards.read_manifest(str(out))
     assert manifest["num_bad_images"] == len(names) - len(good) == 3
     assert manifest["data"]["source"] == "folder" and manifest["data"]["path"] == root
