@@ -105,48 +105,42 @@ def _vlm_model_config(config):
     return vlm_setup.model_config(config, frozen_tokenizer.tokenizer_config(config), vlm_setup.text_tokenizer(config))
 
 
-def from_official_t2i(config, model_dir: str, out_dir: str) -> int:
-    """A released t2i folder (``--config configs/t2i.py:7b``) -> a t2i checkpoint that ``generate`` uses."""
-
-    if config.get("recipe") != "t2i":
-        raise ValueError(f"--from official-t2i needs a t2i config (configs/t2i.py:VARIANT), got recipe "
+def _from_release(config, model_dir: str, out_dir: str, recipe: str) -> int:
+    """A released LLaVA folder -> a ``recipe`` ('t2i' or 'vlm') checkpoint: folder read, its tokenizer recorded,
+    config.json and every key checked against ``--config`` before any tensor is read, then placed and saved."""
+    source, official_module, model_config, use = {
+        "t2i": ("official-t2i", official_t2i, _t2i_model_config, "generate"),
+        "vlm": ("official-vlm", official_vlm, _vlm_model_config, "chat"),
+    }[recipe]
+    if config.get("recipe") != recipe:
+        raise ValueError(f"--from {source} needs a {recipe} config (configs/{recipe}.py:VARIANT), got recipe "
                          f"{config.get('recipe')!r}")
-    what = f"official t2i checkpoint {model_dir}"
+    what = f"{source} checkpoint {model_dir}"
     tensors, hf_config, files = llava.read_folder(model_dir)
     overrides = _with_folder_tokenizer(config, model_dir)
-    cfg = _t2i_model_config(config)
-    official_t2i.check_hf_config(hf_config, cfg, what)
+    cfg = model_config(config)
+    official_module.check_hf_config(hf_config, cfg, what)
     mesh, rules = loop.mesh_and_rules(config)
-    params = official_t2i.to_params(tensors, cfg, mesh=mesh, rules=rules, what=what)
+    params = official_module.to_params(tensors, cfg, mesh=mesh, rules=rules, what=what)
+    if recipe == "vlm" and (skipped := official_vlm.vision_tower_keys(tensors)):
+        logger.info("%s: skipped the %d tensors of the saved vision tower (the frozen image tokenizer is "
+                    "config.tokenizer.checkpoint)", model_dir, len(skipped))
     path = checkpoint.save_variables(out_dir, {"params": params},
-                                     _recipe_meta(config, "t2i", overrides, f"official-t2i:{model_dir}"))
+                                     _recipe_meta(config, recipe, overrides, f"{source}:{model_dir}"))
     print(f"wrote {path} from {model_dir} ({len(files)} weight file{'s' if len(files) > 1 else ''}; "
-          f"{_summary(params)}); generate with --checkpoint {out_dir}")
+          f"{_summary(params)}); {use} with --checkpoint {out_dir}")
     return 0
+
+
+def from_official_t2i(config, model_dir: str, out_dir: str) -> int:
+    """A released t2i folder (``--config configs/t2i.py:7b``) -> a t2i checkpoint that ``generate`` uses."""
+    return _from_release(config, model_dir, out_dir, "t2i")
 
 
 def from_official_vlm(config, model_dir: str, out_dir: str) -> int:
     """A released understanding folder (``--config configs/vlm.py:qwen14b``) -> a VLM checkpoint for ``chat``
     and ``eval-vqa``."""
-
-    if config.get("recipe") != "vlm":
-        raise ValueError(f"--from official-vlm needs a VLM config (configs/vlm.py:VARIANT), got recipe "
-                         f"{config.get('recipe')!r}")
-    what = f"official VLM checkpoint {model_dir}"
-    tensors, hf_config, files = llava.read_folder(model_dir)
-    overrides = _with_folder_tokenizer(config, model_dir)
-    cfg = _vlm_model_config(config)
-    official_vlm.check_hf_config(hf_config, cfg, what)
-    mesh, rules = loop.mesh_and_rules(config)
-    params = official_vlm.to_params(tensors, cfg, mesh=mesh, rules=rules, what=what)
-    skipped = official_vlm.vision_tower_keys(tensors)
-    if skipped:
-        logger.info("%s: skipped the %d tensors of the saved vision tower (the frozen image tokenizer is "
-                    "config.tokenizer.checkpoint)", model_dir, len(skipped))
-    path = checkpoint.save_variables(out_dir, {"params": params},
-                                     _recipe_meta(config, "vlm", overrides, f"official-vlm:{model_dir}"))
-    print(f"wrote {path} from {model_dir} ({_summary(params)}); chat with --checkpoint {out_dir}")
-    return 0
+    return _from_release(config, model_dir, out_dir, "vlm")
 
 
 def _restore_params(model, init_args, checkpoint_dir: str) -> Any:
