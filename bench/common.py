@@ -37,7 +37,8 @@ MiB = 2**20
 
 # ------------------------------------------------------------------------------------------ set-up
 def enable_compile_cache() -> str:
-    """Turns on JAX's persistent compilation cache (ENV_NOTES 11) unless the caller set one already.
+    """Turns on JAX's persistent compilation cache (JAX docs, "Persistent compilation cache"; it works on CPU too)
+    unless the caller set one already.
 
     Re-running a benchmark then skips most of the XLA compile of the big models. The cache lives under
     bench/results/, which is git-ignored.

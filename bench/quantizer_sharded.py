@@ -35,7 +35,8 @@ def main() -> None:
     data, code = (int(s) for s in args.mesh.split("x"))
     if jax.device_count() < data * code:
         raise SystemExit(f"need {data * code} devices, have {jax.device_count()}: set XLA_FLAGS")
-    # Mesh() defaults every axis to Auto, which the shard_map-based search needs (ENV_NOTES 6).
+    # Mesh() defaults every axis to Auto, which the shard_map-based search needs (jax.make_mesh, in the jax
+    # 0.10 this project pins, defaults to Explicit axes; see the JAX docs on explicit sharding).
     mesh = jax.sharding.Mesh(np.array(jax.devices()[: data * code]).reshape(data, code), ("data", "codebook"))
     z_sem, z_pix = quantizer.make_tokens(args.tokens)
     e_sem, e_pix = quantizer.make_codebooks(args.k)

@@ -1,4 +1,5 @@
-"""Batch generation with a trained next-scale t2i model (``tokenflow-jax generate``, SPEC 5.7).
+"""Batch generation with a trained next-scale t2i model (``tokenflow-jax generate``; the reference is
+ByteFlow-AI/TokenFlow ``t2i/llava_t2i/eval/run_llava_samples.py``).
 
 Variants (``configs/sample.py:ARG``) match ``configs/t2i.py``: tiny, 1b, 7b. The model (and its image
 tokenizer) are the ones recorded in the ``--checkpoint`` run; ``model_config`` only serves checkpoints
@@ -26,6 +27,7 @@ FILE: one prompt per line (``.txt``), or JSON lines with a ``prompt`` field (``.
 import os
 
 from tokenflow_jax import config as config_lib
+from tokenflow_jax.errors import ConfigError
 
 PRESETS = {
     "paper": dict(cfg_scale=7.5, top_k=(1200, 100, 1), top_p=(0.8, 0.8, 0.0)),
@@ -38,7 +40,7 @@ def get_config(arg=None):
     t2i = config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"t2i.py:{arg.variant}"))
     preset = arg.preset or ("" if arg.variant == "tiny" else "paper")
     if preset and preset not in PRESETS:
-        raise ValueError(f"configs/sample.py: unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        raise ConfigError(f"configs/sample.py: unknown preset {preset!r}; known: {sorted(PRESETS)}")
     chosen = PRESETS[preset] if preset else dict(t2i.sample)
     config = config_lib.ConfigDict()
     config.recipe = "sample"

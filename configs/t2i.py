@@ -1,4 +1,4 @@
-"""Next-scale text-to-image configs (SPEC 5).
+"""Next-scale text-to-image configs (ByteFlow-AI/TokenFlow ``t2i/llava_t2i``, ``t2i/scripts/train_t2i.sh``).
 
 Variants (``configs/t2i.py:ARG``):
   tiny    CPU-sized decoder on the `tiny` tokenizer's 5 scales (1, 2, 4, 6, 8; 121 tokens) and the built-in
@@ -26,6 +26,7 @@ probability ``train.cond_drop_rate`` (the unconditional branch of classifier-fre
   ... --config configs/t2i.py:7b --config.model.init=meta-llama/Llama-2-7b-hf
 """
 from tokenflow_jax import config as config_lib
+from tokenflow_jax.errors import ConfigError
 
 NEGATIVE_PROMPT = (
     "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst "
@@ -80,7 +81,7 @@ def get_config(arg=None):
                      checkpoint_every=2000)
         sample = dict(cfg_scale=7.5, top_k=(1200, 100, 1), top_p=(0.8, 0.8, 0.0))
     else:
-        raise ValueError(f"unknown t2i variant {arg.variant!r}; expected tiny, 1b or 7b")
+        raise ConfigError(f"unknown t2i variant {arg.variant!r}; expected tiny, 1b or 7b")
     m.head = head
     m.init = ""  # HF Llama id or path: initialise the decoder from it (vocabulary extended)
     config.text = config_lib.ConfigDict(dict(image_marker="<img>", **text))
@@ -89,7 +90,8 @@ def get_config(arg=None):
         source="shapes", num_examples=100_000, path="", split="train", num_workers=0,
         tokenized="",  # ArrayRecord shards from `tokenflow-jax tokenize`; empty = tokenise online
     ))
-    # AdamW lr 5e-4, wd 0.1, constant after warmup, clip 0.5 (SPEC 5.6); captions dropped at 10% for CFG.
+    # AdamW lr 5e-4, wd 0.1, constant after warmup, clip 0.5 (ByteFlow-AI/TokenFlow `t2i/scripts/train_t2i.sh`);
+    # captions dropped at 10% for CFG (`cond_drop_rate` in the ByteFlow-AI/TokenFlow-t2i hub config).
     config.optim = config_lib.ConfigDict(dict(lr=5e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=0.5,
                                           schedule="constant", warmup_steps=train.pop("warmup_steps")))
     config.train = config_lib.ConfigDict(dict(cond_drop_rate=0.1, keep_checkpoints=3, async_checkpoints=True,

@@ -5,18 +5,21 @@ Variants (``configs/tokenizer.py:ARG``):
   b       TokenFlow-B: CLIP ViT-B/16 semantic encoder at 224 px, 14x14 grid, 8 scales (561 tokens).
           Options: res=256 interpolates the position tables to 16x16 and adds the 16 scale (9 scales,
           817 tokens; the released t2i tokenizer); enhanced=True uses the 2x pixel decoder (ch 256, 4 res).
-          stage2=True (any variant): the decoder fine-tune of SPEC 2.9 from --config.init.checkpoint: the
+          stage2=True (any variant): the decoder fine-tune of the reference's
+          `tokenflow/scripts/train_vq_finetune_enhanced_decoder.sh` from --config.init.checkpoint: the
           pixel decoder is rebuilt and trained alone (`b,res=256,enhanced,stage2`).
   xl      TokenFlow-XL: SigLIP so400m (hidden_states[-2]) at 384 px, pixel branch at 432, 27x27 grid,
           15 scales (2,227 tokens).
 
-Every number comes from SPEC.md (sections 2.1-2.9, 3.3). Examples:
+Every number comes from the official code (ByteFlow-AI/TokenFlow `tokenflow/tokenizer/vq_model.py`,
+`tokenflow/tokenizer/vq_train.py`) or paper Table 11. Examples:
 
   tokenflow-jax reconstruct --config configs/tokenizer.py:tiny --images builtin --out /tmp/recon
   tokenflow-jax reconstruct --config configs/tokenizer.py:b,res=256,enhanced --checkpoint CKPT --images a.png
   ... --config.quantizer.w_dis=0.5 --config.quantizer.codebook_update=ema
 """
 from tokenflow_jax import config as config_lib
+from tokenflow_jax.errors import ConfigError
 
 B_SCALES = (1, 2, 4, 6, 8, 10, 12, 14)
 XL_SCALES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 17, 22, 27)
@@ -39,7 +42,7 @@ def cnn(ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, num_group
 def quantizer(codebook_size, scales):
     return config_lib.ConfigDict(dict(
         codebook_size=codebook_size, semantic_dim=32, pixel_dim=8, scales=tuple(scales),
-        w_dis=1.0,               # shared-mapping weight of the pixel distance (SPEC 2.6)
+        w_dis=1.0,               # shared-mapping weight of the pixel distance (paper Table 11, VectorQuantizer)
         beta=0.25,               # commitment weight (training script and paper)
         entropy_weight=0.0, entropy_temperature=0.01,
         scale_drop_prob=0.1,     # training only: drop one scale (never the first) per forward
@@ -78,7 +81,7 @@ def get_config(arg=None):
     elif arg.variant == "b":
         res = arg.res or 224
         if res not in (224, 256):
-            raise ValueError(f"tokenizer b supports res=224 (native) or res=256 (interpolated), got {res}")
+            raise ConfigError(f"tokenizer b supports res=224 (native) or res=256 (interpolated), got {res}")
         m.image_size = res
         m.semantic_encoder = vit("clip", 768, 12, 12, 3072, 16, 14)  # OpenAI CLIP ViT-B/16 @224
         m.semantic_decoder = vit("beit", 768, 3, 12, 3072, 1, 14, in_channels=32)
@@ -110,7 +113,7 @@ def get_config(arg=None):
                      image_every=2000)
         disc_start, init_tower = 20_000, "google/siglip-so400m-patch14-384"
     else:
-        raise ValueError(f"unknown tokenizer variant {arg.variant!r}; expected tiny, b or xl")
+        raise ConfigError(f"unknown tokenizer variant {arg.variant!r}; expected tiny, b or xl")
 
     config.teacher = config_lib.ConfigDict(teacher)
 
@@ -120,8 +123,9 @@ def get_config(arg=None):
         source="shapes", num_examples=100_000, path="", name="", split="train", data_dir="",
         image_size=m.image_size, num_workers=0,
     ))
-    # SPEC 3.3 weights for b / xl. tiny: LPIPS and the semantic teacher at 0.1 so that the pixel loss leads
-    # (measured on shapes, lr 1e-3: ShapesEval of reconstructions 58% at 2,000 steps vs 14% with the SPEC
+    # The reference's weights for b / xl (all 1, GAN 0.5 from step 20,000: `tokenflow/tokenizer/vq_loss.py`,
+    # `tokenflow/tokenizer/vq_train.py`). tiny: LPIPS and the semantic teacher at 0.1 so that the pixel loss
+    # leads (measured on shapes, lr 1e-3: ShapesEval of reconstructions 58% at 2,000 steps vs 14% with the reference's
     # recipe at 300 steps, whose lr 1e-4 and early GAN leave blobs).
     tiny = arg.variant == "tiny"
     config.loss = config_lib.ConfigDict(dict(
@@ -130,7 +134,8 @@ def get_config(arg=None):
         disc_start=disc_start, disc_weight=0.5, disc_loss="hinge",
     ))
     config.disc = config_lib.ConfigDict(dict(ndf=64, n_layers=3))
-    # Adam(0.9, 0.95), constant 1e-4, clip 1.0, no weight decay, for both networks (SPEC 3.3); tiny: 1e-3.
+    # Adam(0.9, 0.95), constant 1e-4, clip 1.0, no weight decay, for both networks (the reference's
+    # `tokenflow/tokenizer/vq_train.py` defaults; lr and clip as in paper Table 11); tiny: 1e-3.
     config.optim = config_lib.ConfigDict(dict(lr=1e-3 if tiny else 1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
                                           grad_clip=1.0, schedule="constant", warmup_steps=0))
     config.disc_optim = config_lib.ConfigDict(config.optim.to_dict())
@@ -155,9 +160,10 @@ def get_config(arg=None):
     config.init = config_lib.ConfigDict(dict(checkpoint="", reinit=(), semantic_encoder=init_tower))
 
     if arg.stage2:
-        # Stage 2 (SPEC 2.9): from a trained tokenizer (--config.init.checkpoint=DIR), rebuild the pixel
-        # decoder from scratch (the enhanced one with `enhanced`) and train only it, same losses; the model
-        # stays in train mode, so the random scale drop stays active as in the reference.
+        # Stage 2 (`--finetune_decoder --enhanced_decoder` of the reference's `tokenflow/tokenizer/vq_train.py`,
+        # the "enhanced decoder" of paper Fig. 10): from a trained tokenizer (--config.init.checkpoint=DIR),
+        # rebuild the pixel decoder from scratch (the enhanced one with `enhanced`) and train only it, same
+        # losses; the model stays in train mode, so the random scale drop stays active as in the reference.
         config.train.stage = 2
         config.train.trainable = ("^pixel_decoder/",)
         config.init.reinit = ("^params/pixel_decoder/",)

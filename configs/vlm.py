@@ -1,4 +1,4 @@
-"""LLaVA-style understanding configs on TokenFlow features (SPEC 4).
+"""LLaVA-style understanding configs on TokenFlow features (ByteFlow-AI/TokenFlow ``i2t/llava``).
 
 Variants (``configs/vlm.py:ARG``):
   tiny        CPU-sized decoder trained from scratch on the built-in Shapes-VQA set (questions on count,
@@ -10,7 +10,8 @@ Variants (``configs/vlm.py:ARG``):
 
 Options: ``stage=1`` (alignment: projector only, lr 1e-3, global batch 256, `plain` template on captions),
 ``stage=2`` (instruction tuning: decoder + projector, lr 2e-5, batch 128), both cosine with 3% warmup and no
-weight decay (SPEC 4.4); ``stage=0`` (tiny's default): everything trains from scratch at lr 1e-3.
+weight decay (ByteFlow-AI/TokenFlow ``i2t/scripts/v1_5/train.sh``); ``stage=0`` (tiny's default): everything
+trains from scratch at lr 1e-3.
 Which parameters train is chosen by the regexes ``train.trainable`` / ``train.frozen`` over parameter
 paths (``projector/fc1/kernel``, ``llm/layers/...``); the tokenizer is always frozen (it is not part of
 the trained state at all).
@@ -26,6 +27,7 @@ found there is taken, e.g. the aligned projector and the decoder).
 import math
 
 from tokenflow_jax import config as config_lib
+from tokenflow_jax.errors import ConfigError
 
 
 def llm(width, depth, heads, kv_heads, mlp, vocab, *, theta=1e4, eps=1e-5, qkv_bias=False, tie=False,
@@ -77,9 +79,9 @@ def get_config(arg=None):
                      checkpoint_every=500, length_buckets=(512, 1024, 1536, 2048))
         mesh = (1, -1, 1)  # FSDP over every device; raise 'tensor' for tensor parallelism
     else:
-        raise ValueError(f"unknown vlm variant {arg.variant!r}; expected tiny, vicuna13b or qwen14b")
+        raise ConfigError(f"unknown vlm variant {arg.variant!r}; expected tiny, vicuna13b or qwen14b")
     if stage not in (0, 1, 2):
-        raise ValueError(f"configs/vlm.py: stage must be 0, 1 or 2, got {stage}")
+        raise ConfigError(f"configs/vlm.py: stage must be 0, 1 or 2, got {stage}")
     if stage == 1:
         text["template"] = "plain"
     m.features = "final"  # final | final_semantic | all_scales (models/vlm.py)
@@ -93,7 +95,7 @@ def get_config(arg=None):
     config.data = config_lib.ConfigDict(dict(path="", image_root="", num_workers=0, **data))
     steps = int(train["num_steps"])
     lr = {0: 1e-3, 1: 1e-3, 2: 2e-5}[stage]
-    # Adam, cosine to 0 after 3% linear warmup, no weight decay, clip 1.0 (SPEC 4.4).
+    # Adam, cosine to 0 after 3% linear warmup, no weight decay, clip 1.0 (`i2t/scripts/v1_5/train.sh`).
     config.optim = config_lib.ConfigDict(dict(lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
                                           schedule="cosine", warmup_steps=math.ceil(0.03 * steps),
                                           decay_steps=steps, min_lr_ratio=0.0))

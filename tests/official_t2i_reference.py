@@ -72,7 +72,8 @@ def teacher_forced_logits(state: dict[str, torch.Tensor], *, heads: int, kv_head
     b, p = text_ids.shape
     n = code_vectors.shape[1]
     codes = torch.tensor(code_vectors)
-    # Running maps: f_1 = c_1; g_k = bicubic(f_k -> s_{k+1}); f_{k+1} = g_k + c_{k+1} (vision tower, SPEC 5.3).
+    # Running maps: f_1 = c_1; g_k = bicubic(f_k -> s_{k+1}); f_{k+1} = g_k + c_{k+1}
+    # (``vision_tokenizer.VQTower.forward``).
     offsets = np.cumsum([0] + [s * s for s in scales])
     f = codes[:, :1].reshape(b, 1, 1, -1).permute(0, 3, 1, 2)
     inputs = []
@@ -94,7 +95,8 @@ def teacher_forced_logits(state: dict[str, torch.Tensor], *, heads: int, kv_head
     pos = torch.zeros_like(embeds[0])
     pos[p - 1 : p - 1 + n] = state["model.pos_1LC"]  # row t at the position predicting token t
     embeds = embeds + pos
-    # Causal with padded keys masked, then block-causal over the image positions P-1 .. (SPEC 5.4).
+    # Causal with padded keys masked, then block-causal over the image positions P-1 .. (as in
+    # ``llava_arch.prepare_inputs_labels_for_multimodal_generation``).
     allowed = np.tril(np.ones((length, length), bool))
     allowed[p - 1 :, p - 1 :] = scale_of[None, :] <= scale_of[:, None]
     keys = np.concatenate([np.asarray(text_mask, bool), np.ones((b, length - p), bool)], axis=1)

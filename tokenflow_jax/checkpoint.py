@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
+import flax.linen as nn
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
+from tokenflow_jax import parallel, prng
+from tokenflow_jax.errors import CheckpointError, CheckpointNotFoundError
 from tokenflow_jax.utils import trees
 
 logger = logging.getLogger(__name__)
@@ -40,7 +46,7 @@ VARIABLES = "variables"
 META = "meta"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint's stored tree does not match the model it is restored into."""
 
 
@@ -85,7 +91,7 @@ def _require_step(directory: str, step: int | None) -> int:
     if step is None:
         step = latest_step(directory)
     if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {directory!r} (expected an orbax checkpoint directory)")
+        raise CheckpointNotFoundError(f"no checkpoint found in {directory!r} (expected an orbax checkpoint directory)")
     return step
 
 
@@ -104,7 +110,7 @@ def restore_variables(directory: str, target: Any, step: int | None = None) -> A
         init plus the caller's shardings); arrays come back with those shardings and dtypes.
       step: default latest.
     Raises:
-      FileNotFoundError: no checkpoint in ``directory``.
+      CheckpointNotFoundError (a FileNotFoundError): no checkpoint in ``directory``.
       CheckpointMismatchError: the stored tree differs from ``target`` (every difference listed).
     """
     step = _require_step(directory, step)
@@ -127,6 +133,38 @@ def abstract_target(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, np.dtype(a.dtype), sharding=s), abstract, shardings)
 
 
+def model_target(model: Any, init_args: tuple, mesh: Any = None, rules: Any = parallel.DEFAULT_RULES) -> Any:
+    """ShapeDtypeStructs of ``model``'s variables (unboxed), each carrying where it lives: sharded over ``mesh``
+    by the logical-axis ``rules``, or on the first local device when ``mesh`` is None. Nothing is allocated:
+    the target of a restore, or the abstract input of an ahead-of-time compile.
+
+    init_args: ``model.init``'s inputs after the key (arrays or ShapeDtypeStructs).
+    """
+    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
+    if mesh is None:
+        abstract = parallel.unbox_without_constraints(jax.eval_shape(model.init, key, *init_args))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return abstract_target(abstract, jax.tree.map(lambda _: device, abstract))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(model.init, key, *init_args)
+        shardings = parallel.shardings_from_abstract(boxed, mesh, rules)
+    return abstract_target(parallel.unbox_without_constraints(boxed), shardings)
+
+
+def restore_model(model: Any, init_args: tuple, directory: str, *, mesh: Any = None,
+                  rules: Any = parallel.DEFAULT_RULES, collections: tuple[str, ...] | None = None,
+                  step: int | None = None) -> Any:
+    """The ``variables`` of ``model`` from the checkpoint in ``directory``, placed as :func:`model_target` says.
+
+    collections: restore only these (e.g. ``('params',)``: a decoder's inference needs no optimizer state and no
+    other collection); default all of the model's. Mismatches are listed key by key before anything is read.
+    """
+    target = model_target(model, init_args, mesh, rules)
+    if collections is not None:
+        target = {name: target[name] for name in collections}
+    return restore_variables(directory, target, step)
+
+
 # --------------------------------------------------------------------------------------------- training
 TRAIN_STATE = "train_state"
 DATA = "data"
@@ -142,7 +180,6 @@ class TrainCheckpointer:
     """
 
     def __init__(self, workdir: str, keep: int = 3, use_async: bool = True, save_interval_steps: int = 1):
-        import grain
 
         handlers = {**item_handlers(), TRAIN_STATE: ocp.StandardCheckpointHandler(),
                     DATA: grain.checkpoint.CheckpointHandler()}
@@ -164,7 +201,6 @@ class TrainCheckpointer:
     def save(self, step: int, variables: Any, train_state: Any, data_iterator: Any, meta: dict[str, Any],
              force: bool = False) -> bool:
         """Starts saving ``step`` (returns at once when async). True if a save was started."""
-        import grain
 
         items = {
             VARIABLES: ocp.args.StandardSave(variables),
@@ -177,7 +213,6 @@ class TrainCheckpointer:
 
     def restore(self, step: int, variables_target: Any, train_state_target: Any, data_iterator: Any) -> tuple[Any, Any]:
         """Restores ``step`` into the targets; the data iterator is positioned in place."""
-        import grain
 
         stored = self.manager.item_metadata(step)
         for name, target in ((VARIABLES, variables_target), (TRAIN_STATE, train_state_target)):
@@ -214,9 +249,6 @@ def restore_variables_partially(directory: str, target: Any, skip: tuple[str, ..
     Returns (restored subset as a nested dict, sorted paths of ``target`` that were NOT restored and
     must come from a fresh init). Paths are '/'-joined keys.
     """
-    import re
-
-    from flax import traverse_util
 
     step = _require_step(directory, step)
     stored = trees.flat_shapes(getattr(_manager(directory).item_metadata(step)[VARIABLES], "tree", None) or {})

@@ -33,6 +33,7 @@ import sys
 from collections.abc import Sequence
 
 from tokenflow_jax import config as config_lib
+from tokenflow_jax.errors import CheckpointError, ConfigError, UserError
 
 # Each command imports its recipe module (and jax, transformers, torch with it) when it runs, inside its
 # cmd_* function: `tokenflow-jax --help` and a mistyped config stay instant. Everywhere else in the package,
@@ -56,9 +57,9 @@ def _load_config(spec: str | None, overrides: Sequence[str], checkpoint: str | N
         meta = ckpt.read_meta(checkpoint)
         spec, overrides = meta.get("config_spec"), list(meta.get("config_overrides", [])) + list(overrides)
         if not spec:
-            raise SystemExit(f"error: checkpoint {checkpoint} records no config; pass --config FILE:ARG")
+            raise CheckpointError(f"checkpoint {checkpoint} records no config; pass --config FILE:ARG")
     if spec is None:
-        raise SystemExit("error: --config FILE:ARG is required")
+        raise ConfigError("--config FILE:ARG is required")
     return config_lib.build_config(spec, overrides)
 
 
@@ -107,7 +108,7 @@ def cmd_eval_shapes(args, overrides) -> int:
     try:
         loops = [int(x) for x in args.loops.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--loops must be a comma-separated list of 1, 2, 3, got {args.loops!r}") from None
+        raise ConfigError(f"--loops must be a comma-separated list of 1, 2, 3, got {args.loops!r}") from None
     return generation_eval.run(config, args.checkpoint, args.num_per_category, loops, args.out)
 
 
@@ -131,10 +132,10 @@ def cmd_convert(args, overrides) -> int:
     config = _load_config(args.config, overrides)
     if args.source == "official":
         if not args.checkpoint:
-            raise SystemExit("error: --from official needs --checkpoint FILE.pt")
+            raise ConfigError("--from official needs --checkpoint FILE.pt")
         return convert_run.from_official(config, args.checkpoint, args.out)
     if not args.model:
-        raise SystemExit(f"error: --from {args.source} needs --model "
+        raise ConfigError(f"--from {args.source} needs --model "
                          + ("HUB_ID_OR_PATH" if args.source == "hf" else "RELEASED_MODEL_DIR"))
     convert = {"hf": convert_run.from_hf, "official-t2i": convert_run.from_official_t2i,
                "official-vlm": convert_run.from_official_vlm}[args.source]
@@ -150,7 +151,7 @@ def cmd_export(args, overrides) -> int:
         export = convert_run.to_official_t2i if recipe == "t2i" else convert_run.to_official_vlm
         return export(config, args.checkpoint, args.out, args.dtype)
     if args.dtype:
-        raise SystemExit("error: --dtype applies to t2i and VLM exports; the tokenizer keeps its float32 weights")
+        raise ConfigError("--dtype applies to t2i and VLM exports; the tokenizer keeps its float32 weights")
     return convert_run.to_official(config, args.checkpoint, args.out)
 
 
@@ -282,8 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = config_lib.split_config_args(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(rest)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -296,14 +297,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             distributed.initialize(args)
         return int(args.fn(args, overrides) or 0)
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-        # User-caused problems (bad config field, mismatched checkpoint, missing file): one clear line.
-        # TOKENFLOW_DEBUG=1 shows the traceback instead.
+    except UserError as e:
+        # Bad input (a config field, a checkpoint, a weights file, the data): one line naming it, exit 2. Any other
+        # exception is a bug and keeps its traceback. TOKENFLOW_DEBUG=1 shows the traceback of this one too.
         if os.environ.get("TOKENFLOW_DEBUG"):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
+
+
+def user_message(error: UserError) -> str:
+    """The error's message (a KeyError's str() would wrap it in quotes)."""
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import ml_collections
 
+from tokenflow_jax.errors import ConfigError, InputNotFoundError
+
 ConfigDict = ml_collections.ConfigDict
 
 
@@ -38,7 +40,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         key, _, raw = part.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ValueError(f"unknown config option {key!r} in {arg!r}; known options: {sorted(defaults)}")
+            raise ConfigError(f"unknown config option {key!r} in {arg!r}; known options: {sorted(defaults)}")
         out[key] = _literal(raw.strip()) if raw else True
     return out
 
@@ -65,13 +67,13 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
                 path = os.path.join(folder, path[len("configs/"):])
                 break
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist (from --config {spec!r})")
+        raise InputNotFoundError(f"config file {path!r} does not exist (from --config {spec!r})")
     module_name = "tokenflow_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path!r} defines no get_config(arg)")
+        raise ConfigError(f"config file {path!r} defines no get_config(arg)")
     config = module.get_config(arg or None)
     with config.unlocked():
         config.config_spec = spec
@@ -84,7 +86,7 @@ def _coerce(path: str, old: Any, new: Any) -> Any:
     if isinstance(old, bool) or isinstance(new, bool):
         if isinstance(old, bool) and isinstance(new, bool):
             return new
-        raise TypeError(f"--config.{path}: expected a bool (True/False), got {new!r}")
+        raise ConfigError(f"--config.{path}: expected a bool (True/False), got {new!r}")
     if isinstance(old, float) and isinstance(new, int):
         return float(new)
     if isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)):
@@ -92,7 +94,7 @@ def _coerce(path: str, old: Any, new: Any) -> Any:
     if isinstance(old, str) and not isinstance(new, str):
         return str(new)
     if type(old) is not type(new):
-        raise TypeError(
+        raise ConfigError(
             f"--config.{path}: expected {type(old).__name__} like {old!r}, got {type(new).__name__} {new!r}"
         )
     return new
@@ -103,16 +105,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     for item in overrides:
         item = item.removeprefix("--").removeprefix("config.")
         if "=" not in item:
-            raise ValueError(f"config override {item!r} must look like --config.a.b=value")
+            raise ConfigError(f"config override {item!r} must look like --config.a.b=value")
         path, raw = item.split("=", 1)
         *parents, leaf = path.split(".")
         node = config
         for i, key in enumerate(parents):
             if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-                raise KeyError(_unknown(".".join(parents[: i + 1]), node))
+                raise ConfigError(_unknown(".".join(parents[: i + 1]), node))
             node = node[key]
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise KeyError(_unknown(path, node))
+            raise ConfigError(_unknown(path, node))
         value = _literal(raw)
         if value is None and isinstance(node[leaf], str):
             value = raw  # 'none' stays a word for string fields (remat=none, a variant named 'none')
@@ -150,7 +152,7 @@ def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
                 overrides.append(f"{arg}={argv[i + 1]}")
                 next(it, None)
             else:
-                raise ValueError(f"{arg} needs a value")
+                raise ConfigError(f"{arg} needs a value")
         else:
             rest.append(arg)
     return rest, overrides
@@ -168,7 +170,7 @@ def to_dataclass(cls: type[T], node: Any, path: str, **extra: Any) -> T:
     values = dict(node.items() if hasattr(node, "items") else node)
     unknown = sorted(set(values) - set(fields) - set(extra))
     if unknown:
-        raise ValueError(f"config.{path}: unknown field(s) {unknown}; expected some of {sorted(fields)}")
+        raise ConfigError(f"config.{path}: unknown field(s) {unknown}; expected some of {sorted(fields)}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k not in extra}
     kwargs.update(extra)
     missing = sorted(
@@ -176,8 +178,8 @@ def to_dataclass(cls: type[T], node: Any, path: str, **extra: Any) -> T:
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     )
     if missing:
-        raise ValueError(f"config.{path}: missing field(s) {missing}")
+        raise ConfigError(f"config.{path}: missing field(s) {missing}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config.{path}: {e}") from e
+        raise ConfigError(f"config.{path}: {e}") from e

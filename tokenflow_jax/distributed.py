@@ -27,6 +27,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+
+from tokenflow_jax.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_TIMEOUT = 100  # seconds, JAX's default
@@ -48,14 +52,14 @@ def _int(environ: Mapping[str, str], name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r} must be an integer") from None
 
 
 def _device_ids(value: str) -> list[int]:
     try:
         return [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"TOKENFLOW_LOCAL_DEVICE_IDS={value!r} must be comma-separated integers") from None
+        raise ConfigError(f"TOKENFLOW_LOCAL_DEVICE_IDS={value!r} must be comma-separated integers") from None
 
 
 def tpu_host(environ: Mapping[str, str] = os.environ) -> bool:
@@ -63,7 +67,7 @@ def tpu_host(environ: Mapping[str, str] = os.environ) -> bool:
     if environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return True
     try:
-        from jax._src import hardware_utils
+        from jax._src import hardware_utils  # deferred: a private module that may move; fallback below
 
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
     except Exception:  # noqa: BLE001 - a private module; fall back to the device files
@@ -102,10 +106,10 @@ def settings(args: argparse.Namespace | None = None, environ: Mapping[str, str] 
                                             ("--num-processes / TOKENFLOW_NUM_PROCESSES", num_processes),
                                             ("--process-id / TOKENFLOW_PROCESS_ID", process_id)) if value is None]
         if missing:
-            raise ValueError(f"an explicit multi-process launch needs all three of coordinator, process count and "
-                             f"process id; missing {', '.join(missing)}")
+            raise ConfigError(f"an explicit multi-process launch needs all three of coordinator, process count and "
+                              f"process id; missing {', '.join(missing)}")
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"process id {process_id} is not in [0, {num_processes})")
+            raise ConfigError(f"process id {process_id} is not in [0, {num_processes})")
         if num_processes == 1:
             return None
         return {"coordinator_address": coordinator, "num_processes": num_processes, "process_id": process_id,
@@ -118,8 +122,8 @@ def settings(args: argparse.Namespace | None = None, environ: Mapping[str, str] 
     if mode in ("1", "true", "on", "yes", "auto") or tpu_host(environ):
         return {"coordinator_address": coordinator, "local_device_ids": local, **timeouts}
     if coordinator:
-        raise ValueError(f"coordinator {coordinator!r} given but no process count or id (set --num-processes and "
-                         "--process-id, or TOKENFLOW_NUM_PROCESSES and TOKENFLOW_PROCESS_ID)")
+        raise ConfigError(f"coordinator {coordinator!r} given but no process count or id (set --num-processes and "
+                          "--process-id, or TOKENFLOW_NUM_PROCESSES and TOKENFLOW_PROCESS_ID)")
     return None
 
 
@@ -128,7 +132,6 @@ def initialize(args: argparse.Namespace | None = None, environ: Mapping[str, str
 
     Must run before anything touches a JAX backend (device lists, arrays, jit). Idempotent.
     """
-    import jax
 
     kwargs = settings(args, environ)
     if kwargs is None:

@@ -23,6 +23,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from tokenflow_jax.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -50,14 +52,14 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> list[int]:
     ``num_devices``."""
     shape = [int(s) for s in shape]
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
+        raise ConfigError(f"mesh shape {shape}: at most one entry may be -1 (config.mesh.shape)")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
         if num_devices % known:
-            raise ValueError(f"mesh shape {shape} does not divide the {num_devices} devices")
+            raise ConfigError(f"mesh shape {shape} does not divide the {num_devices} devices; change config.mesh.shape")
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {num_devices} are available; "
             "set config.mesh.shape to match (use -1 for 'the rest')"
         )
@@ -79,7 +81,8 @@ def make_mesh(
     """
     devices = list(jax.devices() if devices is None else devices)
     if len(shape) != len(axis_names):
-        raise ValueError(f"mesh shape {list(shape)} and axis names {tuple(axis_names)} differ in length")
+        raise ConfigError(f"mesh shape {list(shape)} and axis names {tuple(axis_names)} differ in length; give "
+                          "config.mesh.shape one entry per name in config.mesh.axes")
     shape = resolve_mesh_shape(shape, len(devices))
     try:
         device_array = mesh_utils.create_device_mesh(
@@ -168,7 +171,7 @@ def check_replication(abstract: Any, shardings: Any, mesh: Mesh, max_fraction: f
         return
     fraction = replicated_fraction(abstract, shardings)
     if fraction > max_fraction:
-        raise ValueError(
+        raise ConfigError(
             f"{fraction:.1%} of parameter bytes are fully replicated on mesh {dict(mesh.shape)} "
             f"(limit {max_fraction:.0%}); check config.mesh.rules or add logical axis names"
         )

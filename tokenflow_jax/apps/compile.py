@@ -29,11 +29,19 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import version
 from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
 
 from tokenflow_jax import config as config_lib
 from tokenflow_jax import parallel, recipes
 from tokenflow_jax.apps import topology
+from tokenflow_jax.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     """The ``compile`` command; returns the exit status (0 fits, 1 does not fit, 2 bad input)."""
-    import jax
-
 
     # Executables for compile-only devices cannot be loaded back from the persistent cache (reading one fails
     # with "PjRtCompiler must be constructed with a Client"), so writing them would only waste disk.
@@ -90,17 +96,13 @@ def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def recipe_module(config):
     recipe = config.get("recipe", "")
     if recipe not in RECIPES:
-        raise ValueError(f"config.recipe {recipe!r} has no ahead-of-time compile entry; known recipes: "
-                         f"{sorted(RECIPES)}")
+        raise ConfigError(f"config.recipe {recipe!r} has no ahead-of-time compile entry; known recipes: "
+                          f"{sorted(RECIPES)}")
     return importlib.import_module(RECIPES[recipe])
 
 
 def topology_mesh(mesh_config, devices: list, num_slices: int = 1):
     """``config.mesh`` over compile-only devices; with several slices the data axis spans them (DCN)."""
-    import numpy as np
-    from jax.experimental import mesh_utils
-    from jax.sharding import AxisType, Mesh
-
 
     count = int(mesh_config.get("num_devices", 0) or 0)
     devices = devices[:count] if count else devices
@@ -111,8 +113,8 @@ def topology_mesh(mesh_config, devices: list, num_slices: int = 1):
     shape = parallel.resolve_mesh_shape(mesh_config.shape, len(devices))
     data = axes.index("data")
     if shape[data] % num_slices:
-        raise ValueError(f"config.mesh.shape {tuple(shape)}: the data axis ({shape[data]}) must be a multiple of "
-                         f"--num-slices={num_slices} (slices are joined over the data axis)")
+        raise ConfigError(f"config.mesh.shape {tuple(shape)}: the data axis ({shape[data]}) must be a multiple of "
+                          f"--num-slices={num_slices} (slices are joined over the data axis)")
     ici, dcn = list(shape), [1] * len(shape)
     ici[data], dcn[data] = shape[data] // num_slices, num_slices
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
@@ -121,8 +123,6 @@ def topology_mesh(mesh_config, devices: list, num_slices: int = 1):
 
 def per_device_bytes(tree: Any) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the biggest shard's)."""
-    import jax
-    import numpy as np
 
     total = 0
     for leaf in jax.tree.leaves(tree):
@@ -145,8 +145,6 @@ def loop_trip_counts(hlo_text: str) -> list[int]:
 
 def compile_program(program, mesh, rules, hbm_bytes: int) -> dict[str, Any]:
     """Lowers and compiles one :class:`~tokenflow_jax.train.loop.Program`; per-device memory and FLOPs."""
-    import flax.linen as nn
-    import jax
 
     result: dict[str, Any] = {"name": program.name}
     if program.state_index is not None:
@@ -230,7 +228,6 @@ def not_fit_message(report: dict[str, Any], config) -> str:
 
 def _libtpu_version() -> str:
     try:
-        from importlib.metadata import version
 
         return version("libtpu")
     except Exception:  # noqa: BLE001 - reporting only

@@ -2,7 +2,7 @@
 
 * ``--from official``: a released TokenFlow ``.pt`` (or a safetensors export) -> full variables.
 * ``--from hf``: an HF CLIP / SigLIP vision tower -> the semantic encoder; every other part of the
-  tokenizer is freshly initialised (the starting point of tokenizer training, SPEC 2.3).
+  tokenizer is freshly initialised (the starting point of tokenizer training, paper Table 5 "CLIP Init.").
 * ``--from official-t2i``: the released text-to-image folder (ByteFlow-AI/TokenFlow-t2i) -> a t2i checkpoint.
 * ``--from official-vlm``: a released understanding folder (LLaVA-Qwen2.5 / LLaVA-Llama) -> a VLM checkpoint.
 
@@ -15,12 +15,12 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from tokenflow_jax import checkpoint, parallel
+from tokenflow_jax import checkpoint
 from tokenflow_jax.convert import llava, official, official_t2i, official_vlm, semantic_tower
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import t2i, vlm
 from tokenflow_jax.recipes.t2i import setup as t2i_setup
 from tokenflow_jax.recipes.tokenizer import frozen as frozen_tokenizer
@@ -113,8 +113,8 @@ def _from_release(config, model_dir: str, out_dir: str, recipe: str) -> int:
         "vlm": ("official-vlm", official_vlm, _vlm_model_config, "chat"),
     }[recipe]
     if config.get("recipe") != recipe:
-        raise ValueError(f"--from {source} needs a {recipe} config (configs/{recipe}.py:VARIANT), got recipe "
-                         f"{config.get('recipe')!r}")
+        raise ConfigError(f"--from {source} needs a {recipe} config (configs/{recipe}.py:VARIANT), got recipe "
+                          f"{config.get('recipe')!r}")
     what = f"{source} checkpoint {model_dir}"
     tensors, hf_config, files = llava.read_folder(model_dir)
     overrides = _with_folder_tokenizer(config, model_dir)
@@ -143,16 +143,6 @@ def from_official_vlm(config, model_dir: str, out_dir: str) -> int:
     return _from_release(config, model_dir, out_dir, "vlm")
 
 
-def _restore_params(model, init_args, checkpoint_dir: str) -> Any:
-    """The ``params`` of a recipe checkpoint, restored on the first device."""
-
-    boxed = jax.eval_shape(model.init, jax.random.key(0), *init_args)
-    target = parallel.unbox_without_constraints(boxed)["params"]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = checkpoint.abstract_target(target, jax.tree.map(lambda _: device, target))
-    return checkpoint.restore_variables(checkpoint_dir, {"params": target})["params"]
-
-
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -160,7 +150,8 @@ def to_official_t2i(config, checkpoint_dir: str, out_dir: str, dtype: str = "") 
     """A t2i checkpoint -> the released folder layout (config.json, safetensors, the text tokenizer's files)."""
 
     cfg = _t2i_model_config(config)
-    params = _restore_params(t2i.NextScaleT2I(cfg), official_t2i.abstract_init_args(cfg), checkpoint_dir)
+    params = checkpoint.restore_model(t2i.NextScaleT2I(cfg), t2i.init_args(cfg), checkpoint_dir,
+                                      collections=("params",))["params"]  # on one device
     state = official_t2i.to_state_dict(params, cfg, EXPORT_DTYPES[dtype] if dtype else None)
     files = llava.write_folder(out_dir, state, official_t2i.hf_config(cfg), tokenizer_dir=config.text.tokenizer)
     print(f"wrote {out_dir}: {len(state)} tensors in the official TokenFlow-t2i layout ({len(files)} file"
@@ -172,8 +163,8 @@ def to_official_vlm(config, checkpoint_dir: str, out_dir: str, dtype: str = "") 
     """A VLM checkpoint -> the released LLaVA folder layout."""
 
     cfg = _vlm_model_config(config)
-    init_args = (jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, cfg.num_image_tokens, cfg.feature_dim)))
-    params = _restore_params(vlm.VLM(cfg), init_args, checkpoint_dir)
+    params = checkpoint.restore_model(vlm.VLM(cfg), vlm.init_args(cfg), checkpoint_dir,
+                                      collections=("params",))["params"]  # on one device
     state = official_vlm.to_state_dict(params, cfg, EXPORT_DTYPES[dtype] if dtype else None)
     hf = official_vlm.hf_config(cfg, official_vlm.family(cfg), int(config.data.max_length))
     files = llava.write_folder(out_dir, state, hf, tokenizer_dir=config.text.tokenizer)

@@ -28,12 +28,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
+from PIL import Image
 
 from tokenflow_jax import checkpoint, recipes
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.apps import demo_report
 from tokenflow_jax.data import images as image_io
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.ops import sampling
 from tokenflow_jax.recipes.t2i import evaluate as generation_eval
 from tokenflow_jax.recipes.t2i.sample import ImageGenerator, clipped, local_rows
@@ -115,8 +118,6 @@ def stage_tokenizer(demo, workdir: str) -> dict[str, Any]:
 
 
 def stage_tokenizer_eval(demo, workdir: str) -> dict[str, Any]:
-    from PIL import Image
-
 
     config, ckpt, e = tokenizer_config(demo), tokenizer_checkpoint(workdir), demo.tokenizer_eval
     out = os.path.join(workdir, "tokenizer_eval.json")
@@ -165,8 +166,6 @@ def stage_t2i(demo, workdir: str) -> dict[str, Any]:
 
 
 def stage_shapes_eval(demo, workdir: str) -> dict[str, Any]:
-    from PIL import Image
-
 
     s = demo.shapes_eval
     config = config_lib.build_config(s.config, [*s.overrides, f"--config.seed={demo.seed}"])
@@ -249,11 +248,9 @@ def save_record(workdir: str, name: str, record: dict[str, Any]) -> None:
 
 def run(demo, workdir: str) -> int:
     """Runs every unfinished stage, then writes the report; 0 when done, 130 when a trainer was interrupted."""
-    import jax
-
 
     if jax.process_count() > 1:
-        raise ValueError("the demo is a single-process run; launch the recipes themselves on several hosts")
+        raise ConfigError("the demo is a single-process run; launch the recipes themselves on several hosts")
     os.makedirs(os.path.join(workdir, STAGES_DIR), exist_ok=True)
     for number, stage in enumerate(STAGES, 1):
         record = load_record(workdir, stage.name)

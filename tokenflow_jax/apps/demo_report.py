@@ -16,6 +16,8 @@ import os
 import platform
 from typing import Any
 
+import jax
+
 from tokenflow_jax.shapes import detector as shapes_eval
 
 STAGE_TITLES = {
@@ -55,7 +57,6 @@ def total_seconds(records: dict[str, dict[str, Any]]) -> float:
 
 
 def markdown(records: dict[str, dict[str, Any]], demo) -> str:
-    import jax
 
     res = {name: r.get("results", {}) for name, r in records.items()}
     tok, se, vqa = res["tokenizer_eval"], res["shapes_eval"], res["vqa"]["results"]

@@ -13,8 +13,11 @@ Every figure here is specific to libtpu 0.0.42.1 (the one ``jax[tpu]==0.10.2`` p
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
+
+from tokenflow_jax.errors import ConfigError
 
 GIB = 2**30
 
@@ -92,21 +95,21 @@ def names() -> list[str]:
 def parse(name: str, num_slices: int = 1) -> Slice:
     """``v5p-256`` (or a raw libtpu name such as ``v5:4x4x8``) -> :class:`Slice`; a clear error otherwise."""
     if num_slices < 1:
-        raise ValueError(f"--num-slices must be >= 1, got {num_slices}")
+        raise ConfigError(f"--num-slices must be >= 1, got {num_slices}")
     raw = _LIBTPU_NAME.match(name)
     if raw:
         prefix = raw.group(1)
         generation = {"v5": "v5p"}.get(prefix, prefix)
         if generation not in _GENERATIONS:
-            raise ValueError(f"topology {name!r}: unknown TPU generation {prefix!r}; known: v4, v5, v5e, v6e, tpu7x")
+            raise ConfigError(f"topology {name!r}: unknown TPU generation {prefix!r}; known: v4, v5, v5e, v6e, tpu7x")
         sides = raw.group(2).split("x")
         wrap = tuple(_F for _ in range(3 if len(sides) == 2 else len(sides)))
         return Slice(name, generation, name, _GENERATIONS[generation][1], wrap, num_slices)
     generation, _, count = name.lower().partition("-")
     canonical = f"{_ALIASES.get(generation, generation)}-{count}"
     if canonical not in _SLICES:
-        raise ValueError(f"unknown TPU topology {name!r}; known names: {', '.join(names())} (or a libtpu name "
-                         "such as v5:4x4x8)")
+        raise ConfigError(f"unknown TPU topology {name!r}; known names: {', '.join(names())} (or a libtpu name "
+                          "such as v5:4x4x8)")
     grid, wrap = _SLICES[canonical]
     generation = canonical.split("-")[0]
     prefix, chip_config = _GENERATIONS[generation]
@@ -114,7 +117,6 @@ def parse(name: str, num_slices: int = 1) -> Slice:
 
 
 def libtpu_available() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("libtpu") is not None
 
@@ -129,7 +131,7 @@ def devices(tpu: Slice) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-    from jax.experimental.topologies import get_topology_desc
+    from jax.experimental.topologies import get_topology_desc  # deferred: after the libtpu variables above
 
     single_chip = tpu.num_chips // tpu.num_slices == 1
     kwargs = {"chips_per_host_bounds": (1, 1, 1) if single_chip else (2, 2, 1), "wrap": tpu.wrap}

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenflow_jax.errors import ConfigError, UserError
 from tokenflow_jax.models.vit import VisionTransformer, ViTConfig
 from tokenflow_jax.utils import trees
 
@@ -43,7 +44,7 @@ Params = dict[str, Any]
 Path = tuple[str, ...]
 
 
-class ConversionError(KeyError, ValueError):
+class ConversionError(UserError, KeyError, ValueError):
     """A state dict does not fit the model; the message lists every problem."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -512,7 +513,7 @@ def vit_config_from_hf(hf_config: Any, flavour: str, depth: int | None = None) -
         return cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
 
     if flavour not in _FLAVOUR_ACTS:
-        raise ValueError(f"unknown ViT flavour {flavour!r}; expected one of {tuple(_FLAVOUR_ACTS)}")
+        raise ConfigError(f"unknown ViT flavour {flavour!r}; expected one of {tuple(_FLAVOUR_ACTS)}")
     vision = get(hf_config, "vision_config")
     cfg = vision if vision is not None and flavour != "beit" else hf_config
 
@@ -520,7 +521,7 @@ def vit_config_from_hf(hf_config: Any, flavour: str, depth: int | None = None) -
         v = get(cfg, name)
         if isinstance(v, (tuple, list)):
             if len(set(v)) != 1:
-                raise ValueError(f"{name} {v} is not square")
+                raise ConversionError(f"{name} {v} is not square")
             v = v[0]
         return int(v)
 
@@ -546,13 +547,13 @@ def vit_config_from_hf(hf_config: Any, flavour: str, depth: int | None = None) -
         if scale is not None and float(scale) > 0:
             problems.append(f"layer_scale_init_value={scale} (layer scale unsupported; needs <= 0)")
     if problems:
-        raise ValueError(f"HF {flavour} config not expressible by VisionTransformer: " + "; ".join(problems))
+        raise ConversionError(f"HF {flavour} config not expressible by VisionTransformer: " + "; ".join(problems))
 
     n_layers = int(get(cfg, "num_hidden_layers"))
     if depth is None:
         depth = n_layers - 1 if flavour == "siglip" else n_layers
     if not 1 <= depth <= n_layers:
-        raise ValueError(f"depth {depth} outside 1..{n_layers} (num_hidden_layers)")
+        raise ConversionError(f"depth {depth} outside 1..{n_layers} (num_hidden_layers)")
     patch = size("patch_size")
     return ViTConfig(
         flavour=flavour,

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from safetensors.numpy import save_file
 
 from tokenflow_jax.convert import llm as convert_llm
 from tokenflow_jax.convert import sources
@@ -76,7 +77,6 @@ def write_folder(out_dir: str, state: Mapping[str, np.ndarray], hf_config: Mappi
     """Writes an HF folder: ``config.json``, the state dict as safetensors (shards of at most ``max_shard_bytes``
     with ``model.safetensors.index.json`` when it is larger, as ``save_pretrained``), and the tokenizer files
     of ``tokenizer_dir`` when it is a local folder. Returns the weight files written."""
-    from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

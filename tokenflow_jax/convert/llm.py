@@ -90,7 +90,8 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> TransformerConfig:
     get = _getter(hf_config)
     model_type = get("model_type")
     if model_type not in FAMILIES:
-        raise ValueError(f"HF config: model_type {model_type!r} is not supported; expected one of {tuple(FAMILIES)}")
+        raise ConversionError(f"HF config: model_type {model_type!r} is not supported; expected one of "
+                              f"{tuple(FAMILIES)}")
     family = FAMILIES[model_type]
     problems = []
 
@@ -116,7 +117,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> TransformerConfig:
     if any(t != "full_attention" for t in layer_types):
         problems.append(f"layer_types {sorted(set(layer_types))} (only 'full_attention' is implemented)")
     if problems:
-        raise ValueError(f"HF {model_type} config not supported by Transformer: " + "; ".join(problems))
+        raise ConversionError(f"HF {model_type} config not supported by Transformer: " + "; ".join(problems))
 
     theta = rope_params.get("rope_theta") if isinstance(rope_params, Mapping) else None
     if theta is None:
@@ -408,7 +409,7 @@ def convert(
     if new_rows not in NEW_ROW_INITS:
         raise ValueError(f"new_rows must be one of {NEW_ROW_INITS}, got {new_rows!r}")
     if hf_vocab_size > config.vocab_size:
-        raise ValueError(
+        raise ConversionError(
             f"{what}: config.vocab_size {config.vocab_size} is smaller than the checkpoint's {hf_vocab_size} rows "
             "(the vocabulary can be extended, not shrunk)"
         )

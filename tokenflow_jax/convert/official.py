@@ -1,6 +1,7 @@
 """Official TokenFlow checkpoints (``tokenflow_clipb_32k_enhanced.pt``, ``tokenflow_siglip_32k.pt``) <-> our variables.
 
-The official ``TokenFlow`` PyTorch module (SPEC 6.2-6.4) is stored as one flat state dict. This module maps it to
+The official ``TokenFlow`` PyTorch module (ByteFlow-AI/TokenFlow ``tokenflow/tokenizer/vq_model.py``) is stored
+as one flat state dict. This module maps it to
 the variables of :class:`tokenflow_jax.models.tokenizer.TokenFlow` built from a ``configs/tokenizer.py`` config,
 and back, bit-exactly:
 
@@ -41,6 +42,7 @@ import difflib
 import functools
 import logging
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -50,10 +52,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import save_file
 
 from tokenflow_jax import prng
 from tokenflow_jax.convert import sources
 from tokenflow_jax.convert.hf import ConversionError, _resolve_prefix, conv_kernel, linear_kernel, tree_mismatches
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import quantizer as quantizer_lib
 from tokenflow_jax.models import tokenizer
 
@@ -62,7 +66,9 @@ logger = logging.getLogger(__name__)
 Path = tuple[str, ...]
 StateDict = dict[str, np.ndarray]
 
-# Where training checkpoints keep the weights, in the order every official loader looks (SPEC 6.2).
+# Where training checkpoints keep the weights, in the order every official loader looks (ByteFlow-AI/TokenFlow
+# ``tokenflow/tokenizer/reconstruction_vq_ddp.py``, ``i2t/llava/model/multimodal_encoder/tokenflow_vq.py``,
+# ``t2i/llava_t2i/model/multimodal_encoder/tokenflow.py``).
 CHECKPOINT_NESTING = ("ema", "model", "state_dict")
 USAGE_BUFFER_SIZE = 131072  # quantize.codebook_used, hard-wired in the reference whatever the codebook size
 CLIP_PREFIX = "encoder_vqkd."
@@ -241,9 +247,11 @@ def _rules(cfg: tokenizer.TokenFlowConfig, shapes: Mapping[Path, tuple[int, ...]
     elif enc.flavour == "siglip":
         semantic = _siglip_rules(siglip_prefix, enc.depth)
     else:
-        raise ValueError(f"official TokenFlow has a clip or siglip semantic encoder, not {enc.flavour!r}")
+        raise ConfigError(f"official TokenFlow has a clip or siglip semantic encoder, not {enc.flavour!r} "
+                          "(config.model.semantic_encoder.flavour)")
     if dec.flavour != "beit":
-        raise ValueError(f"official TokenFlow has a beit semantic decoder, not {dec.flavour!r}")
+        raise ConfigError(f"official TokenFlow has a beit semantic decoder, not {dec.flavour!r} "
+                          "(config.model.semantic_decoder.flavour)")
     col = "params" if cfg.quantizer.codebook_update == "loss" else "quantizer"
     return [
         *_cnn_rules(shapes),
@@ -490,7 +498,7 @@ def official_to_variables(state_dict: Mapping[str, Any], config: Any) -> dict[st
 
     problems = tree_mismatches(variables, abstract)
     if problems:  # a converter bug or a model change, never a checkpoint problem
-        raise ConversionError(
+        raise ValueError(
             f"converted variables do not match the model's init ({len(problems)} problems):\n"
             + "\n".join(f"  {name}: {what}" for name, what in problems)
         )
@@ -594,10 +602,10 @@ def _strip_wrapper_prefix(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def _torch_to_numpy(key: str, value: Any, path: str) -> np.ndarray:
-    import torch
+    import torch  # deferred: optional, only to read the official .pt / .pth pickles
 
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        raise ConversionError(f"{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor")
     value = value.detach().cpu()
     if value.dtype == torch.bfloat16:
         value = value.float()
@@ -606,15 +614,15 @@ def _torch_to_numpy(key: str, value: Any, path: str) -> np.ndarray:
 
 def _pick_state_dict(obj: Any, path: str) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a dict with a TokenFlow state dict")
+        raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a dict with a TokenFlow state dict")
     for name in CHECKPOINT_NESTING:
         if isinstance(obj.get(name), Mapping):
             return obj[name]
-    import torch
+    import torch  # deferred: optional, only to read the official .pt / .pth pickles
 
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
-    raise ValueError(
+    raise ConversionError(
         f"{path}: has none of the keys {list(CHECKPOINT_NESTING)} and is not itself a state dict "
         f"(top-level keys: {_summarise([str(k) for k in obj])})"
     )
@@ -625,7 +633,7 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     try:
         return dict(sources.iter_tensors(path))
     except sources.WeightsNotFoundError as e:
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
 def load_official_state_dict(path: str | os.PathLike) -> StateDict:
@@ -638,14 +646,13 @@ def load_official_state_dict(path: str | os.PathLike) -> StateDict:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"official TokenFlow checkpoint {path!r} does not exist")
+        raise sources.WeightsNotFoundError(f"official TokenFlow checkpoint {path!r} does not exist")
     if os.path.getsize(path) == 0:
-        raise ValueError(f"{path}: file is empty (0 bytes), not a checkpoint")
+        raise ConversionError(f"{path}: file is empty (0 bytes), not a checkpoint")
     if path.endswith(".safetensors"):
         return _strip_wrapper_prefix(_load_safetensors(path))
-    import pickle
 
-    import torch
+    import torch  # deferred: optional, only to read the official .pt / .pth pickles
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -653,12 +660,12 @@ def load_official_state_dict(path: str | os.PathLike) -> StateDict:
         # torch's message suggests weights_only=False; the reason is the "Unsupported ..." line.
         found = re.search(r"(Unsupported (?:global: GLOBAL \S+|[^.\n]*))", str(e))
         reason = found.group(1) if found else type(e).__name__
-        raise ValueError(
+        raise ConversionError(
             f"{path}: holds more than tensors and plain containers, so torch.load(weights_only=True) refused it "
             f"(pickled code is never loaded here; re-save the state dict with torch.save): {reason}"
         ) from e
     except Exception as e:  # RuntimeError (bad zip / truncated), EOFError, ...
-        raise ValueError(
+        raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint (truncated or not a torch.save file): "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
@@ -672,14 +679,13 @@ def save_official(state_dict: Mapping[str, Any], path: str | os.PathLike) -> Non
     path = os.fspath(path)
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
     if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
 
         save_file(arrays, path)
     elif path.endswith((".pt", ".pth")):
-        import torch
+        import torch  # deferred: optional, only to read the official .pt / .pth pickles
 
         torch.save({"model": {k: torch.from_numpy(np.require(v, requirements=["C", "W"]))
                               for k, v in arrays.items()}}, path)
     else:
-        raise ValueError(f"{path}: unknown checkpoint suffix; use .pt, .pth or .safetensors")
+        raise ConfigError(f"{path}: unknown checkpoint suffix; use .pt, .pth or .safetensors")
 

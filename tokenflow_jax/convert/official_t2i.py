@@ -26,13 +26,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tokenflow_jax import parallel
 from tokenflow_jax.convert import llava
 from tokenflow_jax.convert import llm as convert_llm
 from tokenflow_jax.convert.hf import ConversionError
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import t2i
 
 MODEL_TYPES = ("llava_llama", "llama")
@@ -55,8 +55,8 @@ def _to_official_names(key: str) -> str:
 def key_shapes(cfg: t2i.T2IConfig) -> dict[str, tuple[int, ...]]:
     """Every official key of the model ``cfg`` describes -> its shape (the optional buffers excluded)."""
     if not cfg.llm.qk_norm or cfg.head != "extended":
-        raise ValueError("the released t2i layout has QK-norm and the extended vocabulary head: set "
-                         "config.model.llm.qk_norm=True and config.model.head=extended")
+        raise ConfigError("the released t2i layout has QK-norm and the extended vocabulary head: set "
+                          "config.model.llm.qk_norm=True and config.model.head=extended")
     width = cfg.llm.width
     out = {_to_official_names(k): v for k, v in convert_llm.expected_keys(cfg.llm).items()}
     out.update(llava.projector_key_shapes(width, cfg.code_dim))
@@ -85,16 +85,9 @@ def check(tensors: Mapping[str, Any], cfg: t2i.T2IConfig, what: str) -> None:
                               + "\n".join(wrong))
 
 
-def abstract_init_args(cfg: t2i.T2IConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """``NextScaleT2I.init``'s inputs (text ids, text mask [1, P], code vectors [1, N, C]) as shapes."""
-    p, n = cfg.text_length, cfg.num_tokens
-    return (jax.ShapeDtypeStruct((1, p), jnp.int32), jax.ShapeDtypeStruct((1, p), jnp.int32),
-            jax.ShapeDtypeStruct((1, n, cfg.code_dim), jnp.float32))
-
-
 def abstract_params(cfg: t2i.T2IConfig) -> Any:
     """Boxed ShapeDtypeStructs ``{'params': ...}`` of ``NextScaleT2I(cfg)`` (nothing allocated)."""
-    return jax.eval_shape(t2i.NextScaleT2I(cfg).init, jax.random.key(0), *abstract_init_args(cfg))
+    return jax.eval_shape(t2i.NextScaleT2I(cfg).init, jax.random.key(0), *t2i.init_args(cfg))
 
 
 def to_params(tensors: Mapping[str, Any], cfg: t2i.T2IConfig, *, mesh=None, rules=parallel.DEFAULT_RULES,
@@ -156,13 +149,13 @@ def check_hf_config(hf_config_json: Mapping[str, Any], cfg: t2i.T2IConfig, what:
     """ValueError listing every field of the folder's config.json that contradicts the configured model."""
     model_type = hf_config_json.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"{what}: config.json has model_type {model_type!r}; a released t2i model is one of "
-                         f"{MODEL_TYPES}")
+        raise ConversionError(f"{what}: config.json has model_type {model_type!r}; a released t2i model is one of "
+                              f"{MODEL_TYPES}")
     theirs = convert_llm.config_from_hf(hf_config_json)
     problems = convert_llm.architecture_differences(cfg.llm, theirs, fields=(*convert_llm.ARCHITECTURE_FIELDS,
                                                                              "vocab_size"))
     problems += llava.check_hf_fields(hf_config_json, {
         "mm_hidden_size": cfg.code_dim, "vq_codebook_size": cfg.codebook_size, "mm_projector_type": "mlp2x_gelu"})
     if problems:
-        raise ValueError(f"{what} does not have the configured model (--config and its overrides):\n  "
-                         + "\n  ".join(problems))
+        raise ConversionError(f"{what} does not have the configured model (--config and its overrides):\n  "
+                              + "\n  ".join(problems))

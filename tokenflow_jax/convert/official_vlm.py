@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tokenflow_jax import parallel
 from tokenflow_jax.convert import llava
 from tokenflow_jax.convert import llm as convert_llm
+from tokenflow_jax.convert.hf import ConversionError
 from tokenflow_jax.models import vlm
 
 MODEL_TYPES = {"llava_qwen": "qwen2", "llava_llama": "llama", "qwen2": "qwen2", "llama": "llama"}
@@ -90,12 +91,13 @@ def check_hf_config(hf_config_json: Mapping[str, Any], cfg: vlm.VLMConfig, what:
     """ValueError listing every field of the folder's config.json that contradicts the configured model."""
     model_type = hf_config_json.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"{what}: config.json has model_type {model_type!r}; expected one of {tuple(MODEL_TYPES)}")
+        raise ConversionError(f"{what}: config.json has model_type {model_type!r}; expected one of "
+                              f"{tuple(MODEL_TYPES)}")
     theirs = convert_llm.config_from_hf(hf_config_json)
     problems = convert_llm.architecture_differences(cfg.llm, theirs, fields=(*convert_llm.ARCHITECTURE_FIELDS,
                                                                              "vocab_size"))
     problems += llava.check_hf_fields(hf_config_json, {"mm_hidden_size": cfg.feature_dim,
                                                        "mm_projector_type": "mlp2x_gelu"})
     if problems:
-        raise ValueError(f"{what} does not have the configured model (--config and its overrides):\n  "
-                         + "\n  ".join(problems))
+        raise ConversionError(f"{what} does not have the configured model (--config and its overrides):\n  "
+                              + "\n  ".join(problems))

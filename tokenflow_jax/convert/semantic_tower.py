@@ -1,4 +1,5 @@
-"""An HF CLIP / SigLIP vision tower as the tokenizer's semantic encoder (SPEC 2.3: training starts from it).
+"""An HF CLIP / SigLIP vision tower as the tokenizer's semantic encoder (training starts from it: the "CLIP
+Init." ablation of paper Table 5; ByteFlow-AI/TokenFlow ``tokenflow/tokenizer/vq_model.py``, ``TokenFlow``).
 
     variables = with_semantic_encoder(init_variables(config), semantic_encoder_params(config, "openai/clip..."))
 """
@@ -15,6 +16,7 @@ import numpy as np
 
 from tokenflow_jax import prng
 from tokenflow_jax.convert import hf, sources
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import tokenizer
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ def semantic_encoder_params(config, id_or_path: str) -> dict[str, Any]:
         if f.name != "remat" and getattr(vit_config, f.name) != getattr(theirs, f.name)
     ]
     if differences:
-        raise ValueError(
+        raise hf.ConversionError(
             f"{id_or_path!r} does not fit config.model.semantic_encoder: " + "; ".join(differences)
         )
     if vit_config.flavour == "clip":
@@ -53,7 +55,8 @@ def semantic_encoder_params(config, id_or_path: str) -> dict[str, Any]:
     elif vit_config.flavour == "siglip":
         params = hf.siglip_vision_params(state, depth=vit_config.depth, config=vit_config)
     else:
-        raise ValueError(f"semantic encoder flavour {vit_config.flavour!r} has no HF source")
+        raise ConfigError(f"semantic encoder flavour {vit_config.flavour!r} has no HF source "
+                          "(config.model.semantic_encoder.flavour: clip or siglip)")
     logger.info("semantic encoder from %s: %s", id_or_path, _summary(params))
     return params
 

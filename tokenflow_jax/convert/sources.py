@@ -16,13 +16,15 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from tokenflow_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                    "pytorch_model.bin.index.json")
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """No usable weights at the given path or hub id."""
 
 
@@ -40,7 +42,7 @@ def resolve_model_dir(id_or_path: str) -> str:
     if id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") > 1:
         raise WeightsNotFoundError(f"no model directory at {id_or_path!r}")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # deferred: only hub ids reach here
     except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
         raise WeightsNotFoundError(f"{id_or_path!r} looks like a hub id but huggingface_hub is missing") from e
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -147,7 +149,7 @@ def torch_state_dict(path: str, container_keys: tuple[str, ...] = ()) -> dict[st
     if os.path.getsize(path) == 0:
         raise WeightsNotFoundError(f"{path!r} is empty (0 bytes)")
     try:
-        import torch
+        import torch  # deferred: optional, only .bin / .pt weights need it
     except ImportError as e:
         raise WeightsNotFoundError(f"reading {path!r} needs torch (pip install torch==2.13.0)") from e
     try:

@@ -13,6 +13,10 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from tokenflow_jax.errors import DataError, InputNotFoundError
 
 _NDARRAY_EXT = 1  # msgpack extension type code for numpy arrays
 
@@ -30,7 +34,7 @@ def _encode_default(obj: Any) -> Any:
 
 def _decode_ext(code: int, data: bytes) -> Any:
     if code != _NDARRAY_EXT:
-        raise ValueError(f"unknown msgpack extension type {code}")
+        raise DataError(f"unknown msgpack extension type {code}")
     unpacker = msgpack.Unpacker()
     unpacker.feed(data)
     dtype, shape = unpacker.unpack()
@@ -53,7 +57,6 @@ def write_array_record(path: str, records: Iterable[Mapping[str, Any]]) -> int:
 
     ``group_size:1`` makes every record its own chunk: random access (what grain does) reads one record.
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
@@ -74,7 +77,7 @@ def resolve_paths(paths_or_glob: str | Sequence[str]) -> list[str]:
     for item in (os.path.expanduser(os.fspath(i).strip()) for i in items):
         matches = sorted(glob.glob(item)) if glob.has_magic(item) else ([item] if os.path.isfile(item) else [])
         if not matches:
-            raise FileNotFoundError(f"ArrayRecord path {item!r} matches no file")
+            raise InputNotFoundError(f"ArrayRecord path {item!r} matches no file")
         out.extend(matches)
     return out
 
@@ -86,7 +89,6 @@ class ArrayRecordSource:
     """
 
     def __init__(self, paths_or_glob: str | Sequence[str]):
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
 
         self.paths = resolve_paths(paths_or_glob)
         self._source = ArrayRecordDataSource(self.paths)

@@ -1,4 +1,5 @@
-"""Chat templates, tokenisation and label masks of the LLaVA-style understanding recipe (SPEC 4.4).
+"""Chat templates, tokenisation and label masks of the LLaVA-style understanding recipe (ByteFlow-AI/TokenFlow
+``i2t/scripts/v1_5/train.sh``).
 
     enc = encode_conversation(record["conversations"], tokenizer, "qwen_2_5", num_image_tokens=729,
                               max_length=2048)                  # input_ids, labels int32 [L], truncated
@@ -53,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from tokenflow_jax.errors import ConfigError, DataError
+
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200  # LLaVA's sentinel; never a vocabulary id
 IMAGE_PLACEHOLDER = "<image>"
@@ -74,7 +77,7 @@ _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
 
 
-class ConversationError(ValueError):
+class ConversationError(DataError):
     """A record that must be skipped; ``reason`` is one of :data:`SKIP_REASONS`."""
 
     def __init__(self, reason: str, detail: str):
@@ -147,7 +150,7 @@ def normalize_turns(conversations: Sequence[Mapping[str, Any]], *, has_image: bo
 
 def _question_turn(question: str, with_image: bool) -> tuple[str, str]:
     if not with_image and IMAGE_PLACEHOLDER in question:
-        raise ValueError(f"question {question[:80]!r} holds {IMAGE_PLACEHOLDER!r} but with_image=False")
+        raise DataError(f"question {question[:80]!r} holds {IMAGE_PLACEHOLDER!r} but with_image=False")
     rest = question.replace(IMAGE_PLACEHOLDER, "").strip()
     return "user", (IMAGE_PLACEHOLDER + "\n" + rest).strip() if with_image else question
 
@@ -205,9 +208,9 @@ def _tokenizer_name(tokenizer) -> str:
 
 def _apply_chat_template(tokenizer, turns: list[tuple[str, str]], generation: bool) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"template 'tokenizer' needs a tokenizer with a chat_template; "
-                         f"{_tokenizer_name(tokenizer) if tokenizer is not None else 'None'} has none (pick "
-                         f"one of {TEMPLATES[:-1]})")
+        raise ConfigError(f"template 'tokenizer' needs a tokenizer with a chat_template; "
+                          f"{_tokenizer_name(tokenizer) if tokenizer is not None else 'None'} has none (pick "
+                          f"one of {TEMPLATES[:-1]})")
     messages = [{"role": role, "content": text} for role, text in turns]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
 
@@ -221,9 +224,9 @@ def _render_with_chat_template(tokenizer, turns: list[tuple[str, str]]) -> Rende
         prompt = _apply_chat_template(tokenizer, turns[: 2 * k + 1], generation=True)
         upto = _apply_chat_template(tokenizer, turns[: 2 * k + 2], generation=False)
         if not (upto.startswith(prompt) and text.startswith(upto)):
-            raise ValueError(f"the chat_template of {_tokenizer_name(tokenizer)} renders a conversation that does "
-                             "not extend its prefix, so replies cannot be located for the label mask; use "
-                             f"one of {TEMPLATES[:-1]}")
+            raise ConfigError(f"the chat_template of {_tokenizer_name(tokenizer)} renders a conversation that does "
+                              "not extend its prefix, so replies cannot be located for the label mask; use "
+                              f"one of {TEMPLATES[:-1]}")
         spans.append((len(prompt), len(upto)))
     return RenderedConversation(text, tuple(spans))
 
@@ -240,7 +243,7 @@ def _join(segments: Segments) -> RenderedConversation:
 
 def _check_template(template: str) -> None:
     if template not in TEMPLATES:
-        raise ValueError(f"conversation template {template!r}; expected one of {TEMPLATES}")
+        raise ConfigError(f"conversation template {template!r} (config.text.template); expected one of {TEMPLATES}")
 
 
 def render(conversations: Sequence[Mapping[str, Any]], template: str, tokenizer=None, *,
@@ -270,8 +273,8 @@ def _backend(tokenizer):
     # fails with "Already borrowed" under concurrent use).
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)} has no fast (tokenizers) backend; character "
-                         "offsets are needed for the label mask")
+        raise ConfigError(f"tokenizer {_tokenizer_name(tokenizer)} has no fast (tokenizers) backend; character "
+                          "offsets are needed for the label mask")
     return backend
 
 
@@ -318,8 +321,8 @@ def marker_ids(tokenizer, template: str) -> tuple[int, ...]:
         # preprocess_qwen hard-codes 198 (Qwen2's "\n"); we ask the tokenizer for its own newline id.
         found = _newline_id(tokenizer) if marker == "\n" else _single_token(tokenizer, marker)
         if found is None:
-            raise ValueError(f"template {template!r} trains every {marker!r} token; {_tokenizer_name(tokenizer)} "
-                             "has no such single token")
+            raise ConfigError(f"template {template!r} trains every {marker!r} token; {_tokenizer_name(tokenizer)} "
+                              "has no such single token")
         ids.append(int(found))
     return tuple(ids)
 
@@ -360,7 +363,7 @@ def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer, t
       ConversationError: the record must be skipped (``reason`` in :data:`SKIP_REASONS`).
     """
     if max_length < 1 or num_image_tokens < 1:
-        raise ValueError(f"max_length={max_length} and num_image_tokens={num_image_tokens} must be >= 1")
+        raise ConfigError(f"max_length={max_length} and num_image_tokens={num_image_tokens} must be >= 1")
     rendered = render(conversations, template, tokenizer, has_image=has_image)
     ids, labels, image_end = tokenize_rendered(rendered, tokenizer, template, num_image_tokens=num_image_tokens,
                                                has_image=has_image)
@@ -404,14 +407,14 @@ def stop_ids(tokenizer, template: str) -> tuple[int, ...]:
     elif template in ("qwen_2_5", "qwen_2_5_replies"):
         im_end = _single_token(tokenizer, "<|im_end|>")
         if im_end is None:
-            raise ValueError(f"template {template!r} needs '<|im_end|>' as one token; {_tokenizer_name(tokenizer)} "
-                             "has no such token")
+            raise ConfigError(f"template {template!r} needs '<|im_end|>' as one token; {_tokenizer_name(tokenizer)} "
+                              "has no such token")
         stops.append(im_end)
     elif template == "plain":
         newline = _newline_id(tokenizer)
         if newline is None:
-            raise ValueError(f"template 'plain' stops at a newline, but {_tokenizer_name(tokenizer)} has no "
-                             "newline token")
+            raise ConfigError(f"template 'plain' stops at a newline, but {_tokenizer_name(tokenizer)} has no "
+                              "newline token")
         stops.append(newline)
     else:
         rendered = _render_with_chat_template(tokenizer, [("user", "x"), ("assistant", "y")])

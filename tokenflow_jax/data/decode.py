@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from tokenflow_jax.data import images
+from tokenflow_jax.errors import DataError
 
 SKIP_REASONS: tuple[str, ...] = ("empty", "not_image", "corrupt", "unreadable", "bad_array", "other")
 CONVERSIONS: tuple[str, ...] = ("grey", "palette", "alpha", "cmyk", "high_bit_depth", "other_mode", "upscaled")
@@ -50,7 +51,7 @@ _logged = [0]
 logger = logging.getLogger(__name__)
 
 
-class BadRecord(Exception):
+class BadRecord(DataError):
     """A record whose image cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
 
     def __init__(self, reason: str, detail: str):
@@ -244,7 +245,7 @@ class DecodeImages(grain.MapDataset):
                 decoded["skipped"], decoded["bad_images"] = skip_flags(reason), np.int32(1)
                 return decoded
             errors.append(next_error)
-        raise RuntimeError(
+        raise DataError(
             f"{len(errors)} consecutive records from shard index {index} are unusable (wrong path or feature "
             f"key?); the last ones: " + "; ".join(str(e) for e in errors[-3:])
         ) from errors[-1]

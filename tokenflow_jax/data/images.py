@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from tokenflow_jax.errors import DataError
+
 # Truncated files must raise, never decode half an image silently.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -19,7 +21,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 BUILTIN_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "camera")
 
 
-class ImageReadError(Exception):
+class ImageReadError(DataError):
     """An image could not be read; ``path`` and ``reason`` say which and why."""
 
     def __init__(self, path: str, reason: str):
@@ -125,7 +127,7 @@ def model_to_uint8(x: np.ndarray) -> np.ndarray:
 def builtin_images() -> Iterator[tuple[str, Image.Image]]:
     """(name, RGB image) for the sample photos shipped inside scikit-image."""
     try:
-        import skimage.data
+        import skimage.data  # deferred: only the built-in sample photos read it
     except ImportError as e:
         raise ImageReadError("builtin", "scikit-image is not installed (pip install scikit-image)") from e
     for name in BUILTIN_IMAGES:

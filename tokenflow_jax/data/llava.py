@@ -33,9 +33,10 @@ A batch (numpy, this process's B rows; M = max_length, S = image_size)::
     skip_reason  str     [B]     the same reason as text, '' if none
     index        int32   [B]     record index in the full source (-1 for padding)
 
-Image pre-processing (SPEC 4.2): ``pad`` pastes the image centred on a square of (127, 127, 127), LLaVA's
-``expand2square`` with the SigLIP mean; ``square`` does not. Then a PIL bicubic resize to S x S and
-(x / 255 - 0.5) / 0.5.
+Image pre-processing (ByteFlow-AI/TokenFlow ``i2t/llava/train/train.py``, ``LazySupervisedDataset``, with
+``SigLipImageProcessor`` of ``i2t/llava/model/multimodal_encoder/vision_tokenizer.py``): ``pad`` pastes the
+image centred on a square of (127, 127, 127), LLaVA's ``expand2square`` with the SigLIP mean; ``square`` does
+not. Then a PIL bicubic resize to S x S and (x / 255 - 0.5) / 0.5.
 """
 from __future__ import annotations
 
@@ -48,12 +49,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import grain
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from tokenflow_jax.data import conversation, decode, images
 from tokenflow_jax.data.pipeline import local_batch_size, stream_seeds
 from tokenflow_jax.data.steps import AttachIndex
+from tokenflow_jax.errors import ConfigError, DataError, InputNotFoundError
 
 ASPECTS = ("pad", "square")
 PAD_COLOUR = (127, 127, 127)  # int(255 * SigLIP's mean 0.5), what LLaVA pads with
@@ -100,15 +103,15 @@ class LlavaJsonlSource:
     def __init__(self, path: str, image_root: str | None = None):
         self.path = os.path.abspath(os.path.expanduser(path))
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"LLaVA data file {self.path!r} does not exist")
+            raise InputNotFoundError(f"LLaVA data file {self.path!r} does not exist")
         self.image_root = os.path.abspath(os.path.expanduser(image_root or os.path.dirname(self.path)))
         self._blob: bytes | None = None
         if self.path.endswith(".json"):
             with open(self.path, encoding="utf-8") as f:
                 records = json.load(f)
             if not isinstance(records, list):
-                raise ValueError(f"{self.path}: a .json data file must hold a list of records, got "
-                                 f"{type(records).__name__}")
+                raise DataError(f"{self.path}: a .json data file must hold a list of records, got "
+                                f"{type(records).__name__}")
             lines = [json.dumps(r, ensure_ascii=False).encode() for r in records]
             lengths = np.array([len(x) + 1 for x in lines], np.int64)
             self._starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -117,7 +120,7 @@ class LlavaJsonlSource:
         else:
             self._starts, self._ends = _line_offsets(self.path)
         if len(self._starts) == 0:
-            raise ValueError(f"LLaVA data file {self.path!r} holds no records")
+            raise DataError(f"LLaVA data file {self.path!r} holds no records")
         self._fd, self._pid, self._lock = None, None, threading.Lock()
 
     def __len__(self) -> int:
@@ -155,9 +158,9 @@ class LlavaJsonlSource:
         try:
             record = json.loads(line)
         except ValueError as e:
-            raise ValueError(f"{self.path}: record {index} is not valid JSON ({e}): {line[:80]!r}") from None
+            raise DataError(f"{self.path}: record {index} is not valid JSON ({e}): {line[:80]!r}") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{self.path}: record {index} is a {type(record).__name__}, not an object")
+            raise DataError(f"{self.path}: record {index} is a {type(record).__name__}, not an object")
         return {**record, "id": str(record.get("id", index)), "image": self.resolve_image(record.get("image")),
                 "image_file": record.get("image")}
 
@@ -185,7 +188,7 @@ def preprocess_image(img: Image.Image | np.ndarray, image_size: int, aspect: str
     """RGB image (PIL or uint8 [H, W, 3]) -> float32 [image_size, image_size, 3] in [-1, 1] (module
     docstring)."""
     if aspect not in ASPECTS:
-        raise ValueError(f"image aspect {aspect!r}; expected one of {ASPECTS}")
+        raise ConfigError(f"image aspect {aspect!r} (config.data.aspect); expected one of {ASPECTS}")
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
     if aspect == "pad":
@@ -204,7 +207,7 @@ def load_image(image: Any) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         return images.read_image(os.fspath(image))
     if isinstance(image, (list, tuple)):
-        raise ValueError(f"the record has {len(image)} images; one image per record is supported")
+        raise DataError(f"the record has {len(image)} images; one image per record is supported")
     return decode.decode_to_rgb(image)[0]
 
 
@@ -239,10 +242,10 @@ class VlmExampleEncoder:
     def __init__(self, tokenizer: Any, template: str, *, num_image_tokens: int, max_length: int, image_size: int,
                  aspect: str = "pad"):
         if aspect not in ASPECTS:
-            raise ValueError(f"image aspect {aspect!r}; expected one of {ASPECTS}")
+            raise ConfigError(f"image aspect {aspect!r} (config.data.aspect); expected one of {ASPECTS}")
         if max_length <= num_image_tokens:
-            raise ValueError(f"max_length={max_length} leaves no room for text after {num_image_tokens} image "
-                             "tokens; raise the maximum length")
+            raise ConfigError(f"max_length={max_length} leaves no room for text after {num_image_tokens} image "
+                              "tokens; raise config.data.max_length")
         self.tokenizer, self.template, self.aspect = tokenizer, template, aspect
         self.num_image_tokens, self.max_length, self.image_size = num_image_tokens, max_length, image_size
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -253,8 +256,8 @@ class VlmExampleEncoder:
             self._encode([{"from": "human", "value": f"{conversation.IMAGE_PLACEHOLDER}\nx"},
                           {"from": "gpt", "value": "y"}], has_image=True)
         except conversation.ConversationError as e:
-            raise ValueError(f"max_length={max_length} cannot hold even a one-word exchange with an image of "
-                             f"{num_image_tokens} tokens in template {template!r} ({e})") from e
+            raise ConfigError(f"max_length={max_length} cannot hold even a one-word exchange with an image of "
+                              f"{num_image_tokens} tokens in template {template!r} ({e})") from e
 
     def _encode(self, turns, has_image: bool) -> conversation.EncodedConversation:
         return conversation.encode_conversation(turns, self.tokenizer, self.template,
@@ -343,7 +346,7 @@ class EncodeVlmRecords(grain.MapDataset):
                 example.update(skip_fields(reason))
                 return example
             errors.append(next_error)
-        raise RuntimeError(
+        raise DataError(
             f"{len(errors)} consecutive LLaVA records from shard index {index} are unusable (wrong image_root, "
             "template or max_length?); the last ones: " + "; ".join(str(e) for e in errors[-3:])
         ) from errors[-1]
@@ -408,7 +411,7 @@ def build_vlm_dataset(
     ds = grain.MapDataset.source(source).map_with_index(AttachIndex(num_records))
     ds = ds[process_index::process_count]  # each process reads only its shard
     if len(ds) == 0:
-        raise ValueError(f"{source!r} has {num_records} records: too few for {process_count} processes")
+        raise DataError(f"{source!r} has {num_records} records: too few for {process_count} processes")
     ds = EncodeVlmRecords(ds, encoder, replace_bad=replace_bad, max_tries=max_bad_tries)
     if shuffle:
         ds = ds.shuffle(seed=stream_seeds(seed, process_index)[0])
@@ -434,8 +437,7 @@ def vlm_stats(batch: Mapping[str, Any], prefix: str = "data/") -> dict[str, Any]
     if isinstance(batch["length"], np.ndarray):
         xp, cast = np, int
     else:
-        import jax.numpy as xp
-
+        xp = jnp
         cast = lambda x: x  # noqa: E731
     per_reason = {r: xp.sum(batch[f"skipped/{r}"]) for r in SKIP_REASONS}
     stats = {f"{prefix}skipped": cast(sum(per_reason.values()))}

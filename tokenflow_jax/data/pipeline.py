@@ -41,6 +41,7 @@ from tokenflow_jax.data import decode
 from tokenflow_jax.data.array_record import ArrayRecordSource
 from tokenflow_jax.data.sources import ImageFolderSource, ShapesSource, TfdsSource
 from tokenflow_jax.data.steps import AttachIndex, EvalImage, PadToLength, TrainImage
+from tokenflow_jax.errors import ConfigError, DataError
 
 SOURCES = ("shapes", "folder", "tfds", "array_record")
 CROPS = ("adm", "center")
@@ -49,7 +50,7 @@ CROPS = ("adm", "center")
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     """global batch / processes, or a ValueError saying what to change."""
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={global_batch_size} must be a positive multiple of the number of processes "
             f"({process_count}); change the batch size in the config"
         )
@@ -94,13 +95,13 @@ def build_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
     if crop not in CROPS:
-        raise ValueError(f"config.data.crop={crop!r}; expected one of {CROPS}")
+        raise ConfigError(f"config.data.crop={crop!r}; expected one of {CROPS}")
     num_records = len(source)
     ds = grain.MapDataset.source(source).map_with_index(AttachIndex(num_records))
     ds = ds[process_index::process_count]  # each process reads only its shard
     if train:
         if len(ds) == 0:
-            raise ValueError(f"{source!r} has {num_records} records: too few for {process_count} processes")
+            raise DataError(f"{source!r} has {num_records} records: too few for {process_count} processes")
         shuffle_seed, augment_seed = stream_seeds(seed, process_index)
         ds = decode.DecodeImages(ds, image_size=image_size, replace_bad=True, max_tries=max_bad_tries)
         ds = ds.shuffle(seed=shuffle_seed).repeat()
@@ -132,14 +133,14 @@ def make_source(config_data: Mapping[str, Any], *, train: bool) -> Any:
             seed=(0 if train else 1) if shapes_seed is None else shapes_seed,
         )
     if kind in ("folder", "array_record") and not config_data.get("path"):
-        raise ValueError(f"config.data.source={kind!r} needs config.data.path")
+        raise ConfigError(f"config.data.source={kind!r} needs config.data.path")
     if kind == "folder":
         return ImageFolderSource(config_data["path"], caption_ext=config_data.get("caption_ext") or ".txt")
     if kind == "array_record":
         return ArrayRecordSource(config_data["path"])
     if kind == "tfds":
         if not config_data.get("name"):
-            raise ValueError("config.data.source='tfds' needs config.data.name (e.g. 'imagenet2012')")
+            raise ConfigError("config.data.source='tfds' needs config.data.name (e.g. 'imagenet2012')")
         return TfdsSource(
             config_data["name"],
             split,
@@ -148,7 +149,7 @@ def make_source(config_data: Mapping[str, Any], *, train: bool) -> Any:
             caption_key=config_data.get("caption_key") or None,
             raw_image_bytes=config_data.get("raw_image_bytes", True),
         )
-    raise ValueError(f"config.data.source={kind!r}; expected one of {SOURCES}")
+    raise ConfigError(f"config.data.source={kind!r}; expected one of {SOURCES}")
 
 
 def make_dataset(
@@ -170,7 +171,7 @@ def make_dataset(
     per process or worker), ``prefetch_batches``, ``max_bad_tries``.
     """
     if not config_data.get("image_size"):
-        raise ValueError("config.data.image_size must be set (the crop size in pixels)")
+        raise ConfigError("config.data.image_size must be set (the crop size in pixels)")
     source = make_source(config_data, train=train)
     is_shapes = config_data.get("source") == "shapes"
     flip = config_data.get("random_flip")
@@ -213,10 +214,10 @@ def to_global_batch(
         try:
             out[key] = jax.make_array_from_process_local_data(sharding, value)
         except ValueError as e:
-            raise ValueError(
+            raise ConfigError(
                 f"batch field {key!r} with per-process shape {value.shape} cannot be sharded as {sharding.spec} "
                 f"over mesh {dict(mesh.shape)}: the per-process batch must divide evenly over this process's "
-                f"devices along the data axes ({e})"
+                f"devices along the data axes; change the batch size in the config or config.mesh.shape ({e})"
             ) from e
     return out
 

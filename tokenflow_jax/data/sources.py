@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tokenflow_jax.errors import ConfigError, InputNotFoundError
 from tokenflow_jax.shapes import scenes as shapes
 
 # Every extension PIL can open (jpg, jpeg, png, webp, bmp, tif, gif, ppm, ...), lower case with the dot.
@@ -34,7 +35,7 @@ class ImageFolderSource:
     def __init__(self, root: str, caption_ext: str = ".txt"):
         root = os.path.abspath(os.path.expanduser(root))
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
+            raise InputNotFoundError(f"image folder {root!r} does not exist or is not a directory")
         self.root, self.caption_ext = root, caption_ext
         paths, captions = [], set()
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -47,7 +48,7 @@ class ImageFolderSource:
                 elif ext in IMAGE_EXTENSIONS:
                     paths.append(rel)
         if not paths:
-            raise FileNotFoundError(f"no images found under {root!r} (looked for extensions known to PIL)")
+            raise InputNotFoundError(f"no images found under {root!r} (looked for extensions known to PIL)")
         self.paths = sorted(paths)
         self.caption_paths = [
             cap if (cap := os.path.splitext(p)[0] + caption_ext) in captions else None for p in self.paths
@@ -103,7 +104,7 @@ class TfdsSource:
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
         except Exception as e:  # tfds raises a zoo of types for "not prepared"
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"cannot open TFDS dataset {name!r} split {split!r} under data_dir={data_dir!r}: {e}. "
                 "Prepare it first (e.g. tfds build, or download_and_prepare with file_format='array_record')."
             ) from e
@@ -136,7 +137,7 @@ class ShapesSource:
 
     def __init__(self, num_examples: int, image_size: int, seed: int = 0, max_objects: int = shapes.MAX_OBJECTS):
         if num_examples <= 0 or image_size <= 0:
-            raise ValueError(f"ShapesSource needs num_examples, image_size > 0; got {num_examples}, {image_size}")
+            raise ConfigError(f"ShapesSource needs num_examples, image_size > 0; got {num_examples}, {image_size}")
         self.num_examples, self.image_size, self.seed, self.max_objects = num_examples, image_size, seed, max_objects
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
-"""Text tokenizers and the text prefix of the next-scale model (SPEC 5.2).
+"""Text tokenizers and the text prefix of the next-scale model (ByteFlow-AI/TokenFlow
+``t2i/llava_t2i/dataset/process.py``, ``crop_and_encode_text_and_img``).
 
     tokenizer = load_text_tokenizer("builtin:shapes")         # or a local path / HF hub id
     encoder = PromptEncoder(tokenizer, length=24, image_marker="<img>")
@@ -28,6 +29,7 @@ import numpy as np
 import sentencepiece
 
 from tokenflow_jax.data import conversation
+from tokenflow_jax.errors import ConfigError, InputNotFoundError
 from tokenflow_jax.shapes import scenes as shapes
 from tokenflow_jax.shapes import vqa as shapes_vqa
 
@@ -50,6 +52,7 @@ def shapes_vocabulary() -> list[str]:
 
 def build_shapes_tokenizer():
     """The ``builtin:shapes`` tokenizer: lower-cased words and punctuation, unknown words -> [UNK]."""
+    # deferred: transformers takes seconds to import and only the text recipes need it
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,6 +90,7 @@ def chat_vocabulary() -> list[str]:
 def build_shapes_chat_tokenizer():
     """``builtin:shapes_chat``: lower-cased words, punctuation and newlines; '</s>' is eos, '<|im_start|>'
     and '<|im_end|>' are special tokens; a ChatML chat_template (the qwen_2_5 format). No BOS is added."""
+    # deferred: transformers takes seconds to import and only the text recipes need it
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -108,19 +112,19 @@ BUILTIN_TOKENIZERS = {"shapes": build_shapes_tokenizer, "shapes_chat": build_sha
 def load_text_tokenizer(spec: str):
     """``builtin:NAME``, a local directory, or a HF hub id (``transformers.AutoTokenizer``)."""
     if not spec:
-        raise ValueError("config.text.tokenizer is empty: give 'builtin:shapes', a local path or a HF hub id")
+        raise ConfigError("config.text.tokenizer is empty: give 'builtin:shapes', a local path or a HF hub id")
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_TOKENIZERS:
-            raise ValueError(f"config.text.tokenizer={spec!r}: unknown built-in tokenizer; known: "
-                             f"{[BUILTIN_PREFIX + k for k in BUILTIN_TOKENIZERS]}")
+            raise ConfigError(f"config.text.tokenizer={spec!r}: unknown built-in tokenizer; known: "
+                              f"{[BUILTIN_PREFIX + k for k in BUILTIN_TOKENIZERS]}")
         return BUILTIN_TOKENIZERS[name]()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: seconds to import, only for hub / local tokenizers
 
     try:
         return AutoTokenizer.from_pretrained(spec)
     except OSError as e:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"config.text.tokenizer={spec!r}: no tokenizer found as a local directory or on the hub ({e}); "
             "offline machines need a local copy (huggingface-cli download ... --local-dir DIR)") from e
 
@@ -152,9 +156,9 @@ def text_vocab_size(tokenizer) -> int:
         return vocab_size(tokenizer)
     pad = tokenizer.get_vocab().get(PAD)
     if pad != first - 1:
-        raise ValueError(f"text tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: {image_code_token(0)} has id "
-                         f"{first} but {PAD} has id {pad}; the t2i vocabulary layout needs [PAD] = T right before the "
-                         f"codes at T + 1")
+        raise ConfigError(f"text tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: {image_code_token(0)} has id "
+                          f"{first} but {PAD} has id {pad}; the t2i vocabulary layout needs [PAD] = T right before the "
+                          f"codes at T + 1")
     return first - 1
 
 
@@ -230,8 +234,8 @@ class PromptEncoder:
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
         self.room = self.length - len(self.bos_ids) - len(self.marker_ids)
         if self.room < 0:
-            raise ValueError(f"text length {self.length} cannot hold BOS and the image marker {image_marker!r} "
-                             f"({len(self.bos_ids) + len(self.marker_ids)} tokens); raise config.model.text_length")
+            raise ConfigError(f"text length {self.length} cannot hold BOS and the image marker {image_marker!r} "
+                              f"({len(self.bos_ids) + len(self.marker_ids)} tokens); raise config.model.text_length")
 
     def __call__(self, texts: Sequence[str]) -> EncodedPrompts:
         b = len(texts)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from tokenflow_jax.data.array_record import ArrayRecordSource
+from tokenflow_jax.errors import DataError, InputNotFoundError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -48,15 +49,15 @@ def read_manifest(directory: str, require_complete: bool = True) -> dict[str, An
     """
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {directory!r} is not a tokenized dataset "
-                                "(make one with `tokenflow-jax tokenize`)")
+        raise InputNotFoundError(f"{path} not found: {directory!r} is not a tokenized dataset "
+                                 "(make one with `tokenflow-jax tokenize`)")
     with open(path) as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, this code reads format {FORMAT_VERSION}")
+        raise DataError(f"{path}: format {manifest.get('format')!r}, this code reads format {FORMAT_VERSION}")
     if require_complete and not manifest.get("complete"):
-        raise ValueError(f"{path}: the tokenization is incomplete; re-run the same `tokenflow-jax tokenize` "
-                         "command to finish it")
+        raise DataError(f"{path}: the tokenization is incomplete; re-run the same `tokenflow-jax tokenize` "
+                        "command to finish it")
     return manifest
 
 
@@ -68,10 +69,10 @@ def tokenized_source(directory: str) -> TokenizedSource:
     manifest = read_manifest(directory)
     paths = [os.path.join(directory, shard["file"]) for shard in manifest["shards"]]
     if missing := [p for p in paths if not os.path.isfile(p)]:
-        raise FileNotFoundError(f"{directory}: {len(missing)} shard(s) listed in {MANIFEST} are missing, e.g. "
-                                f"{missing[0]}; re-run `tokenflow-jax tokenize` into this directory")
+        raise InputNotFoundError(f"{directory}: {len(missing)} shard(s) listed in {MANIFEST} are missing, e.g. "
+                                 f"{missing[0]}; re-run `tokenflow-jax tokenize` into this directory")
     source = TokenizedSource(paths)
     if len(source) != manifest["num_records"]:
-        raise ValueError(f"{directory}: the shards hold {len(source)} records, {MANIFEST} says "
-                         f"{manifest['num_records']}")
+        raise DataError(f"{directory}: the shards hold {len(source)} records, {MANIFEST} says "
+                        f"{manifest['num_records']}")
     return source

@@ -1,4 +1,6 @@
-"""Pixel transforms of the reference's training and evaluation (SPEC 3.3, 3.4).
+"""Pixel transforms of the reference's training and evaluation (ByteFlow-AI/TokenFlow
+``tokenflow/dataset/augmentation.py``: ``random_crop_arr`` as ``tokenflow/tokenizer/vq_train.py`` uses it,
+``center_crop_arr`` as ``tokenflow/tokenizer/reconstruction_vq_ddp.py`` does).
 
 Training: ADM random-resized crop -> random horizontal flip -> [-1, 1]. Evaluation: ADM centre crop ->
 [-1, 1]. All randomness comes from the ``np.random.Generator`` passed in, which grain's ``random_map``

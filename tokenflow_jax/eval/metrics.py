@@ -1,6 +1,8 @@
 """Image-quality metrics on numpy arrays (per image)."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -14,7 +16,6 @@ def psnr(reference: np.ndarray, test: np.ndarray, data_range: float = 1.0) -> fl
 
 def psnr_per_image(reference, test):
     """PSNR (dB, data range 1) of each image of [B, H, W, C] batches in [0, 1] (jax.numpy, traceable)."""
-    import jax.numpy as jnp
 
     mse = jnp.mean((reference - test) ** 2, axis=tuple(range(1, reference.ndim)))
     return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
@@ -31,8 +32,6 @@ def ssim(reference, test, data_range: float = 1.0):
     Returns:
       [B] float32 (a jax array; jit-compatible).
     """
-    import jax
-    import jax.numpy as jnp
 
     win = 7
     x = jnp.asarray(reference, jnp.float32)

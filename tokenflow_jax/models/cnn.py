@@ -4,7 +4,9 @@ Encoder: conv_in -> per level (ResBlock x num_res_blocks [+ AttnBlock at the las
 except at the last level) -> mid (Res, Attn, Res) -> GroupNorm, swish, conv_out -> [B, H/16, W/16, z].
 Decoder mirrors it with num_res_blocks + 1 blocks per level and nearest-x2 + conv upsampling.
 Parameter names follow the reference's module names (``conv_blocks_{i}/res_{j}/conv1`` ...) so weight
-conversion is a rename; SPEC.md 2.4 and 2.9 give the channel tables and parameter counts.
+conversion is a rename; the channel multipliers are those of ByteFlow-AI/TokenFlow
+``tokenflow/tokenizer/vq_model.py`` (``Encoder``, ``Decoder``): ch 128, ch_mult (1, 1, 2, 2, 4), z 256, giving
+29.30M encoder and 42.45M decoder parameters (237.12M for the enhanced decoder: ch 256, num_res_blocks 4).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""PatchGAN discriminator (pix2pix / taming ``NLayerDiscriminator``, SPEC 3.2), NHWC.
+"""PatchGAN discriminator (pix2pix / taming ``NLayerDiscriminator``, as in ByteFlow-AI/TokenFlow
+``tokenflow/tokenizer/discriminator_patchgan.py``), NHWC.
 
 conv4x4/2 (3 -> ndf) + LeakyReLU(0.2), then n_layers - 1 blocks of conv4x4/2 (no bias) + BatchNorm +
 LeakyReLU doubling the channels (capped at 8 * ndf), one conv4x4/1 block, and a conv4x4/1 to one logit

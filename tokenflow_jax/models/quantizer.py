@@ -1,4 +1,5 @@
-"""Shared-mapping multi-scale residual quantizer (SPEC 2.6 and 2.7).
+"""Shared-mapping multi-scale residual quantizer (ByteFlow-AI/TokenFlow ``tokenflow/tokenizer/vq_model.py``:
+``VectorQuantizer`` and the scale loop of ``TokenFlow.encode``).
 
 Two codebooks of the same size K share one index space: the semantic codebook [K, 32] and the
 pixel codebook [K, 8]. A 40-channel token is split into its semantic and pixel halves, each half
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.ops import nearest_code, resize
 
 NEVER_USED = 2**30
@@ -60,9 +62,9 @@ class QuantizerConfig:
 
     def __post_init__(self):
         if self.codebook_update not in ("loss", "ema"):
-            raise ValueError(f"quantizer.codebook_update must be 'loss' or 'ema', got {self.codebook_update!r}")
+            raise ConfigError(f"quantizer.codebook_update must be 'loss' or 'ema', got {self.codebook_update!r}")
         if list(self.scales) != sorted(set(self.scales)) or not self.scales or self.scales[0] < 1:
-            raise ValueError(f"quantizer.scales must be strictly increasing positive ints, got {self.scales}")
+            raise ConfigError(f"quantizer.scales must be strictly increasing positive ints, got {self.scales}")
 
     @property
     def code_dim(self) -> int:
@@ -167,7 +169,8 @@ class MultiScaleQuantizer(nn.Module):
         """Indices [B, L] of any prefix of the scales -> the accumulated map F [B, s_n, s_n, 40].
 
         Each scale's entries are bicubic-upsampled to the final grid and summed (the tokenizer's
-        decode path; the t2i teacher-forcing path resizes progressively instead, SPEC 5.3).
+        decode path; the t2i teacher-forcing path resizes progressively instead, ByteFlow-AI/TokenFlow
+        ``t2i/llava_t2i/model/multimodal_encoder/vision_tokenizer.py``, ``VQTower.forward``).
         """
         final = self.config.scales[-1]
         used = self.config.scales_for_length(indices.shape[1])

@@ -1,4 +1,5 @@
-"""Next-scale text-to-image model: a Llama-style decoder over [text prefix | image scales] (SPEC 5.1-5.5).
+"""Next-scale text-to-image model: a Llama-style decoder over [text prefix | image scales] (ByteFlow-AI/TokenFlow
+``t2i/llava_t2i/model/llava_arch.py`` and ``t2i/llava_t2i/model/language_model/llava_llama.py``).
 
 Sequence layout, with P = ``text_length`` (text left-padded to P, including BOS and the "<img>" marker)
 and N = sum_k s_k^2 image tokens over the n scales::
@@ -12,14 +13,16 @@ appends a zero input predicting "</img>" and an EOS; generation never samples th
 modelled here). RoPE positions are 0..L-1 for every row: left padding keeps its positions, so the image
 block starts at the same position in every row.
 
-Image inputs (teacher forcing, SPEC 5.3): with c_k the normalised 40-d code vectors of scale k,
-f_1 = c_1, g_k = bicubic(f_k -> s_{k+1}), f_{k+1} = g_k + c_{k+1}; the inputs predicting scale k+1 are g_k
+Image inputs (teacher forcing, the reference's ``VQTower.forward`` in
+``t2i/llava_t2i/model/multimodal_encoder/vision_tokenizer.py``): with c_k the normalised 40-d code vectors of
+scale k, f_1 = c_1, g_k = bicubic(f_k -> s_{k+1}), f_{k+1} = g_k + c_{k+1}; the inputs predicting scale k+1 are g_k
 flattened row-major. Added to the inputs: ``level_embed[0]`` on text positions (including P-1, which predicts
 the 1x1 scale) and ``level_embed[i + 1]`` on inputs predicting a token of scale i >= 1; ``pos_embed[t]`` at
 position P-1+t, t = 0..N-1.
 
-Attention (SPEC 5.4): causal, padding keys masked, and block-causal over positions P-1..P+N-2: a query
-predicting scale a sees a key predicting scale b iff b <= a (bidirectional inside a scale).
+Attention (the reference's ``prepare_inputs_labels_for_multimodal_generation`` in
+``t2i/llava_t2i/model/llava_arch.py``): causal, padding keys masked, and block-causal over positions
+P-1..P+N-2: a query predicting scale a sees a key predicting scale b iff b <= a (bidirectional inside a scale).
 
 Image-code head (``head``): ``'separate'``, a K-way linear head on the final hidden states; or
 ``'extended'``, the reference's vocabulary extended with K ``<vq_token_i>`` rows starting at
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenflow_jax.config import to_dataclass
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import transformer
 from tokenflow_jax.models.llm_layers import Linear
 from tokenflow_jax.models.projector import Projector
@@ -60,22 +64,22 @@ class T2IConfig:
 
     def __post_init__(self):
         if self.head not in HEADS:
-            raise ValueError(f"t2i head must be one of {HEADS}, got {self.head!r}")
+            raise ConfigError(f"t2i head must be one of {HEADS}, got {self.head!r}")
         if list(self.scales) != sorted(set(self.scales)) or not self.scales or self.scales[0] != 1:
-            raise ValueError(f"t2i scales must be strictly increasing and start at 1, got {self.scales}")
+            raise ConfigError(f"t2i scales must be strictly increasing and start at 1, got {self.scales}")
         if self.text_length < 1:
-            raise ValueError(f"t2i text_length must be >= 1 (at least the token predicting the 1x1 scale), "
-                             f"got {self.text_length}")
+            raise ConfigError(f"t2i text_length must be >= 1 (at least the token predicting the 1x1 scale), "
+                              f"got {self.text_length}")
         if self.head == "extended" and not (
             0 <= self.image_token_start and self.image_token_start + self.codebook_size <= self.llm.vocab_size
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"t2i head='extended' needs image_token_start + codebook_size <= llm.vocab_size, got "
                 f"{self.image_token_start} + {self.codebook_size} > {self.llm.vocab_size}"
             )
         if self.sequence_length > self.llm.max_positions:
-            raise ValueError(f"t2i sequence length {self.sequence_length} (text_length + tokens - 1) exceeds "
-                             f"llm.max_positions {self.llm.max_positions}")
+            raise ConfigError(f"t2i sequence length {self.sequence_length} (text_length + tokens - 1) exceeds "
+                              f"llm.max_positions {self.llm.max_positions}")
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +107,7 @@ def t2i_config(config, tokenizer_config, vocab_size: int | None = None) -> T2ICo
     if vocab_size is not None:
         llm["vocab_size"] = int(vocab_size)
     if not llm["vocab_size"]:
-        raise ValueError("config.model.llm.vocab_size is 0: pass the text tokenizer's vocabulary size")
+        raise ConfigError("config.model.llm.vocab_size is 0: pass the text tokenizer's vocabulary size")
     q = tokenizer_config.quantizer
     head = config.model.head
     return to_dataclass(
@@ -114,6 +118,13 @@ def t2i_config(config, tokenizer_config, vocab_size: int | None = None) -> T2ICo
         "model",
         llm=to_dataclass(transformer.TransformerConfig, llm, "model.llm"),
     )
+
+
+def init_args(config: T2IConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """``NextScaleT2I.init``'s inputs as shapes: text ids and mask [1, P] int32, code vectors [1, N, C]."""
+    p, n = config.text_length, config.num_tokens
+    return (jax.ShapeDtypeStruct((1, p), jnp.int32), jax.ShapeDtypeStruct((1, p), jnp.int32),
+            jax.ShapeDtypeStruct((1, n, config.code_dim), jnp.float32))
 
 
 def token_scale_index(scales: tuple[int, ...]) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Multi-step next-scale sampling with classifier-free guidance (SPEC 5.7), cached and full-recompute.
+"""Multi-step next-scale sampling with classifier-free guidance, cached and full-recompute (paper Table 6;
+ByteFlow-AI/TokenFlow ``t2i/llava_t2i/model/language_model/llava_llama.py``, ``autoregressive_infer_cfg``).
 
 Both samplers run the same loop over scales si = 0..n-1 on a batch of 2B rows (B prompts, then B copies of
 the unconditional prompt):

@@ -1,4 +1,4 @@
-"""TokenFlow: the dual-codebook image tokenizer (SPEC 2).
+"""TokenFlow: the dual-codebook image tokenizer (ByteFlow-AI/TokenFlow ``tokenflow/tokenizer/vq_model.py``).
 
     x [B, H, W, 3] in [-1, 1]
       -> semantic ViT (CLIP/SigLIP) -> encode_task_layer -> [B, h, w, 32]   \\ concat (semantic first)
@@ -20,13 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from tokenflow_jax.config import to_dataclass
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import layers
 from tokenflow_jax.models.cnn import CNNConfig, Decoder, Encoder
 from tokenflow_jax.models.quantizer import MultiScaleQuantizer, QuantizerConfig
 from tokenflow_jax.models.vit import VisionTransformer, ViTConfig
 from tokenflow_jax.ops import resize
 
-# Per-channel (mean, std) applied to [0, 1] images before the semantic encoder (SPEC 2.2).
+# Per-channel (mean, std) applied to [0, 1] images before the semantic encoder (ByteFlow-AI/TokenFlow
+# ``tokenflow/tokenizer/vq_model.py``, ``ScalingLayerForClip`` / ``ScalingLayerForSigLip``).
 INPUT_SCALINGS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "none": None,  # clipb_224: the encoder sees x in [-1, 1] unchanged
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
@@ -48,22 +50,23 @@ class TokenFlowConfig:
 
     def __post_init__(self):
         if self.input_scaling not in INPUT_SCALINGS:
-            raise ValueError(f"model.input_scaling must be one of {sorted(INPUT_SCALINGS)}, got {self.input_scaling!r}")
+            raise ConfigError(f"model.input_scaling must be one of {sorted(INPUT_SCALINGS)}, "
+                              f"got {self.input_scaling!r}")
         # The patch conv is VALID, so SigLIP's 384 / 14 gives a 27 grid (the last 6 pixels unused).
         sem_grid = self.image_size // self.semantic_encoder.patch_size
         pix_grid = self.pixel_input_size // self.pixel_encoder.downsample_factor
         if self.pixel_input_size % self.pixel_encoder.downsample_factor or sem_grid != pix_grid:
-            raise ValueError(
+            raise ConfigError(
                 f"semantic grid ({self.image_size}//{self.semantic_encoder.patch_size} = {sem_grid}) and pixel "
                 f"grid ({self.pixel_input_size}/{self.pixel_encoder.downsample_factor}) must be the same integer"
             )
         if sem_grid != self.quantizer.scales[-1]:
-            raise ValueError(
+            raise ConfigError(
                 f"quantizer.scales must end at the token grid {sem_grid} (image_size {self.image_size}), "
                 f"got {self.quantizer.scales}"
             )
         if self.semantic_decoder.in_channels != self.quantizer.semantic_dim:
-            raise ValueError("semantic decoder in_channels must equal quantizer.semantic_dim")
+            raise ConfigError("semantic decoder in_channels must equal quantizer.semantic_dim")
 
     @property
     def pixel_input_size(self) -> int:
@@ -196,6 +199,12 @@ def tokenflow_config(config) -> TokenFlowConfig:
         quantizer=to_dataclass(QuantizerConfig, config.quantizer, "quantizer"),
         pixel_resolution=m.pixel_resolution or None,
     )
+
+
+def init_args(model: TokenFlow) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """``TokenFlow.init``'s input as a shape: one image [1, S, S, 3]."""
+    size = model.config.image_size
+    return (jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),)
 
 
 def build(config) -> TokenFlow:

@@ -1,7 +1,8 @@
 """Decoder-only Llama-family transformer (Llama-2 / Vicuna, Qwen2 / Qwen2.5, Qwen3-style QK-norm).
 
-One module, :class:`Transformer`, serves both recipes: the text-to-image model (Llama-2 with QK-norm,
-SPEC 5.1) and the understanding model (Llama / Qwen2, SPEC 4.3). Numerics follow HF ``LlamaForCausalLM``:
+One module, :class:`Transformer`, serves both recipes: the text-to-image model (Llama-2 with QK-norm, the hub
+config of ByteFlow-AI/TokenFlow-t2i) and the understanding model (Llama / Qwen2, the hub config of
+ByteFlow-AI/Tokenflow-llava-qwen2.5-14B-finetuning). Numerics follow HF ``LlamaForCausalLM``:
 RMSNorm in float32 (``x * rsqrt(mean(x^2) + eps)``, cast back, times the weight), rotate-half RoPE with
 ``inv_freq = 1 / theta^(arange(0, d, 2) / d)`` at explicitly given positions, SwiGLU MLP, grouped-query
 attention with float32 logits and softmax. With ``qk_norm`` each head's q and k go through an
@@ -57,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenflow_jax import parallel
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import layers
 from tokenflow_jax.models.llm_layers import (
     Linear,
@@ -115,7 +117,7 @@ class TransformerConfig:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
             if self.num_heads > 0 and self.width % self.num_heads:
-                raise ValueError(
+                raise ConfigError(
                     f"TransformerConfig.width {self.width} is not divisible by num_heads {self.num_heads}; "
                     "set head_dim explicitly"
                 )
@@ -124,26 +126,26 @@ class TransformerConfig:
                      "max_positions"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"TransformerConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"TransformerConfig.{name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"TransformerConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads}): num_heads % num_kv_heads == 0 is required for grouped-query attention"
             )
         if self.head_dim % 2:
-            raise ValueError(f"TransformerConfig.head_dim must be even for rotate-half RoPE, got {self.head_dim}")
+            raise ConfigError(f"TransformerConfig.head_dim must be even for rotate-half RoPE, got {self.head_dim}")
         for name in ("rope_theta", "norm_eps", "qk_norm_eps"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"TransformerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+                raise ConfigError(f"TransformerConfig.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(
+                raise ConfigError(
                     f"TransformerConfig.{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}"
                 )
         if self.block_order not in BLOCK_ORDERS:
-            raise ValueError(f"TransformerConfig.block_order must be one of {BLOCK_ORDERS}, got {self.block_order!r}")
+            raise ConfigError(f"TransformerConfig.block_order must be one of {BLOCK_ORDERS}, got {self.block_order!r}")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"TransformerConfig.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+            raise ConfigError(f"TransformerConfig.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
 
     @property
     def compute_dtype(self) -> Any:

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import layers
 from tokenflow_jax.ops.resize import interpolate_pos_embed
 
@@ -56,11 +57,11 @@ class ViTConfig:
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
-            raise ValueError(f"unknown ViT flavour {self.flavour!r}; expected one of {FLAVOURS}")
+            raise ConfigError(f"unknown ViT flavour {self.flavour!r}; expected one of {FLAVOURS}")
         if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
+            raise ConfigError(f"depth must be >= 1, got {self.depth}")
 
     @property
     def head_dim(self) -> int:

@@ -1,4 +1,4 @@
-"""LLaVA-style understanding model on TokenFlow features (SPEC 4).
+"""LLaVA-style understanding model on TokenFlow features (ByteFlow-AI/TokenFlow ``i2t/llava``).
 
     features = visual_features(tok_model, tok_vars, images, "final")     # [B, T, C], frozen tokenizer
     logits = VLM(cfg).apply({"params": p}, input_ids, features, mask)      # [B, L, V]
@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import tokenizer as tokenizer_lib
 from tokenflow_jax.models import transformer
 from tokenflow_jax.models.projector import Projector
@@ -40,10 +41,17 @@ class VLMConfig:
     num_image_tokens: int  # T: placeholder positions per image
 
 
+def init_args(config: VLMConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """``VLM.init``'s inputs as shapes: input ids [1, 8] int32 (any length builds the same parameters),
+    image features [1, T, feature_dim]."""
+    return (jax.ShapeDtypeStruct((1, 8), jnp.int32),
+            jax.ShapeDtypeStruct((1, config.num_image_tokens, config.feature_dim), jnp.float32))
+
+
 def feature_shape(tok_config, kind: str) -> tuple[int, int]:
     """(T, C) of ``visual_features`` for the tokenizer described by ``tok_config`` (a tokenizer config)."""
     if kind not in FEATURES:
-        raise ValueError(f"config.model.features={kind!r}: expected one of {FEATURES}")
+        raise ConfigError(f"config.model.features={kind!r}: expected one of {FEATURES}")
     q = tok_config.quantizer
     c = int(q.semantic_dim + q.pixel_dim)
     scales = tuple(q.scales)
@@ -63,7 +71,7 @@ def visual_features(tok_model: tokenizer_lib.TokenFlow, tok_vars: Any, images: j
         if kind == "final_semantic":
             out = out[..., : tok_model.config.quantizer.semantic_dim]
         elif kind != "final":
-            raise ValueError(f"visual feature kind {kind!r}: expected one of {FEATURES}")
+            raise ConfigError(f"config.model.features={kind!r}: expected one of {FEATURES}")
     return jax.lax.stop_gradient(out.astype(jnp.float32))
 
 

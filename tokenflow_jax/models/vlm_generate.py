@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import transformer
 from tokenflow_jax.models.llm_layers import positions_from_padding
 from tokenflow_jax.models.vlm import VLM
@@ -34,7 +35,7 @@ class AnswerDecoder:
     def __init__(self, model: VLM, *, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int = 0,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0):
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise ConfigError(f"max_new_tokens (config.generate.max_new_tokens) must be >= 1, got {max_new_tokens}")
         self.model = model
         self.max_new_tokens = int(max_new_tokens)
         self.stop_ids = jnp.asarray(sorted({int(i) for i in stop_ids}) or [-1], jnp.int32)

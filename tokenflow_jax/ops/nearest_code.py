@@ -5,7 +5,8 @@ e_pix [K, Dp]) the reference picks
 
     index = argmin_k  d_sem[n, k] + w_dis * d_pix[n, k],   d[n, k] = |z_n|^2 + |e_k|^2 - 2 z_n . e_k
 
-with the first minimum on ties (SPEC 2.6). Three implementations share one distance formula:
+with the first minimum on ties (ByteFlow-AI/TokenFlow ``tokenflow/tokenizer/vq_model.py``,
+``VectorQuantizer.forward``; w_dis = 1.0 as in paper Table 11). Three implementations share one distance formula:
 
 * :func:`nearest_code_naive` materialises the whole [N, K] matrix (the reference's way);
 * :func:`nearest_code_chunked` tiles tokens and codes and keeps a running (min, argmin), so peak
@@ -24,6 +25,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from tokenflow_jax.errors import ConfigError
 
 HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_MEMORY_BYTES = 64 * 2**20
@@ -177,7 +180,8 @@ def nearest_code_sharded(
     k = e_sem.shape[0]
     shards = mesh.shape[codebook_axis] if codebook_axis else 1
     if k % shards:
-        raise ValueError(f"codebook size {k} is not divisible by mesh axis {codebook_axis!r} of size {shards}")
+        raise ConfigError(f"codebook size {k} is not divisible by mesh axis {codebook_axis!r} of size {shards}; "
+                          "change config.quantizer.codebook_size, config.quantizer.codebook_axis or config.mesh.shape")
     token_axes = tuple(a for a in token_axes if a != codebook_axis and mesh.shape[a] > 1)
     if token_axes and z_sem.shape[0] % math.prod(mesh.shape[a] for a in token_axes):
         token_axes = ()  # uneven token split: fall back to every device searching all tokens

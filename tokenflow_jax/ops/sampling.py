@@ -1,4 +1,5 @@
-"""Sampling primitives of the next-scale text-to-image sampler (SPEC 5.7).
+"""Sampling primitives of the next-scale text-to-image sampler (paper Table 6; ByteFlow-AI/TokenFlow
+``t2i/llava_t2i/model/language_model/llava_llama.py``, ``autoregressive_infer_cfg``).
 
 Per scale index ``si`` of ``n`` scales the reference
 
@@ -40,6 +41,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tokenflow_jax.errors import ConfigError
 
 DEFAULT_TOP_K = (1200, 100, 1)
 DEFAULT_TOP_P = (0.8, 0.8, 0.0)
@@ -282,16 +285,16 @@ class SamplingSchedule:
         top_k = _as_tuple("top_k", self.top_k)
         top_p = _as_tuple("top_p", self.top_p)
         if len(top_k) != len(top_p):
-            raise ValueError(
+            raise ConfigError(
                 f"SamplingSchedule: top_k has {len(top_k)} entries {list(top_k)} but top_p has {len(top_p)} "
                 f"{list(top_p)}; give one (top_k, top_p) pair per pass"
             )
         for i, k in enumerate(top_k):
             if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
-                raise ValueError(f"SamplingSchedule: top_k[{i}] must be an int >= 0 (0 disables top-k), got {k!r}")
+                raise ConfigError(f"SamplingSchedule: top_k[{i}] must be an int >= 0 (0 disables top-k), got {k!r}")
         for i, p in enumerate(top_p):
             if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (math.isfinite(p) and 0 <= p <= 1):
-                raise ValueError(
+                raise ConfigError(
                     f"SamplingSchedule: top_p[{i}] must be a float in [0, 1] (0 disables top-p), got {p!r}"
                 )
         object.__setattr__(self, "top_k", tuple(int(k) for k in top_k))
@@ -301,7 +304,8 @@ class SamplingSchedule:
     def preset(cls, loops: int) -> SamplingSchedule:
         """The reference strategy with ``loops`` passes per scale (1, 2 or 3; 3 is the paper default)."""
         if loops not in STRATEGY_PRESETS:
-            raise ValueError(f"SamplingSchedule.preset: loops must be one of {sorted(STRATEGY_PRESETS)}, got {loops!r}")
+            raise ConfigError(f"SamplingSchedule.preset: loops must be one of {sorted(STRATEGY_PRESETS)}, "
+                              f"got {loops!r}")
         top_k, top_p = STRATEGY_PRESETS[loops]
         return cls(top_k, top_p)
 
@@ -321,8 +325,8 @@ class SamplingSchedule:
 
 def _as_tuple(name: str, values) -> tuple:
     if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
-        raise ValueError(f"SamplingSchedule: {name} must be a list of per-pass values, got {values!r}")
+        raise ConfigError(f"SamplingSchedule: {name} must be a list of per-pass values, got {values!r}")
     values = tuple(values.tolist() if isinstance(values, np.ndarray) else values)
     if not values:
-        raise ValueError(f"SamplingSchedule: {name} is empty; give at least one pass")
+        raise ConfigError(f"SamplingSchedule: {name} is empty; give at least one pass")
     return values

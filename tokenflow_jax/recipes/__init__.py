@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from tokenflow_jax.errors import ConfigError
+
 RECIPES = ("tokenizer", "t2i", "vlm")
 
 
@@ -20,6 +22,6 @@ def trainer(config) -> ModuleType:
     """The trainer module of ``config.recipe``; a clear error for a config that names none."""
     recipe = config.get("recipe", "")
     if recipe not in RECIPES:
-        raise ValueError(f"config.recipe {recipe!r} has no trainer; known recipes: {sorted(RECIPES)}")
+        raise ConfigError(f"config.recipe {recipe!r} has no trainer; known recipes: {sorted(RECIPES)}")
     # Imported on demand: each trainer pulls in its own heavy dependencies (the VGG teacher, transformers).
     return importlib.import_module(f"tokenflow_jax.recipes.{recipe}.train")

@@ -53,6 +53,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.shapes import scenes as shapes
 
 CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colours", "position", "colour_attr")
@@ -151,7 +152,7 @@ def make_prompts(num_per_category: int, seed: int) -> list[EvalPrompt]:
     Each category has its own generator, so its prompts do not change when another category changes.
     """
     if num_per_category < 1:
-        raise ValueError(f"num_per_category must be >= 1, got {num_per_category}")
+        raise ConfigError(f"num_per_category (--num-per-category) must be >= 1, got {num_per_category}")
     prompts = []
     for category_index, category in enumerate(CATEGORIES):
         rng = np.random.default_rng([int(seed), category_index])

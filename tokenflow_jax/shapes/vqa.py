@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.shapes import scenes as shapes
 
 CATEGORIES: tuple[str, ...] = ("count", "colour", "shape", "position", "exists")
@@ -160,10 +161,11 @@ class ShapesVqaSource:
     def __init__(self, num_examples: int, seed: int, image_size: int, kinds: Sequence[str] = CATEGORIES,
                  split: str = "train"):
         if num_examples <= 0 or image_size <= 0:
-            raise ValueError(f"ShapesVqaSource needs num_examples, image_size > 0; got {num_examples}, {image_size}")
+            raise ConfigError(f"ShapesVqaSource needs num_examples, image_size > 0; got {num_examples}, {image_size}")
         unknown = [k for k in kinds if k not in KINDS]
         if not kinds or unknown:
-            raise ValueError(f"ShapesVqaSource kinds={tuple(kinds)}: expected a non-empty subset of {KINDS}")
+            raise ConfigError(f"ShapesVqaSource kinds={tuple(kinds)} (config.data.kinds): expected a non-empty "
+                              f"subset of {KINDS}")
         if split not in SPLITS:
             raise ValueError(f"ShapesVqaSource split={split!r}; expected one of {SPLITS}")
         self.num_examples, self.seed, self.image_size = num_examples, seed, image_size
@@ -199,7 +201,7 @@ def eval_questions(num_per_category: int, seed: int, image_size: int,
     :class:`ShapesVqaSource` (``image`` uint8 [image_size, image_size, 3], ``question``, ``answer``,
     ``category``, ...)."""
     if num_per_category < 1:
-        raise ValueError(f"num_per_category must be >= 1, got {num_per_category}")
+        raise ConfigError(f"num_per_category (--num-per-category) must be >= 1, got {num_per_category}")
     out = []
     for kind in kinds:
         source = ShapesVqaSource(num_per_category, seed, image_size, kinds=(kind,), split="eval")

@@ -15,6 +15,7 @@ from typing import Any
 
 from tokenflow_jax.convert import llm as convert_llm
 from tokenflow_jax.convert import sources
+from tokenflow_jax.convert.hf import ConversionError
 from tokenflow_jax.models.transformer import TransformerConfig
 from tokenflow_jax.train import loop
 
@@ -28,10 +29,10 @@ def init_from_hf(config, ours: TransformerConfig, params: Any, mesh, rules) -> A
     theirs = convert_llm.config_from_hf(sources.read_config(sources.resolve_model_dir(source)))
     diffs = convert_llm.architecture_differences(ours, theirs)
     if diffs:
-        raise ValueError(f"config.model.init={source!r} does not have the configured decoder shape:\n  "
-                         + "\n  ".join(diffs))
+        raise ConversionError(f"config.model.init={source!r} does not have the configured decoder shape:\n  "
+                              + "\n  ".join(diffs))
     if theirs.qk_norm and not ours.qk_norm:
-        raise ValueError(f"config.model.init={source!r} has QK-norm weights; set config.model.llm.qk_norm=True")
+        raise ConversionError(f"config.model.init={source!r} has QK-norm weights; set config.model.llm.qk_norm=True")
     fields = {f.name: getattr(ours, f.name) for f in dataclasses.fields(ours)}
     fields["qk_norm"] = theirs.qk_norm
     fields.pop("vocab_size")

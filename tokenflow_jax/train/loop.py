@@ -1,21 +1,27 @@
-"""What every trainer's loop shares: preemption handling, metric logging, image grids, state shardings."""
+"""What every trainer's loop shares: its tail (log, finite check, throughput, checkpoint or stop), preemption
+handling, state shardings, resume, and the update step built from a model's abstract init."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
 import signal
+import time
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tokenflow_jax import checkpoint, parallel, prng
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.train import optim
-from tokenflow_jax.utils import trees
+from tokenflow_jax.utils import logs, trees
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +116,98 @@ def save_if_due(ckpt, guard: PreemptionGuard, done: int, num_steps: int, every: 
     return stop
 
 
+def checkpointer(workdir: str, config) -> checkpoint.TrainCheckpointer:
+    """The run's checkpoints under ``workdir/checkpoints``, kept and written as ``config.train`` says."""
+    tc = config.train
+    return checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, use_async=tc.async_checkpoints)
+
+
+def run_meta(config, recipe: str) -> dict[str, Any]:
+    """The checkpoint's ``meta`` item: which recipe, config file and overrides made it (inference rebuilds the
+    model from these), and the whole config as JSON."""
+    return {"recipe": recipe, "config_spec": config.get("config_spec", ""),
+            "config_overrides": list(config.get("config_overrides", [])), "config": config.to_json()}
+
+
+class LoopTail:
+    """What every trainer does after its update step: log, check, measure, save or stop.
+
+    Every ``config.train.log_every`` steps (and at the last) the device metrics are fetched, flattened (vectors
+    per scale), joined by the host-side counters of :attr:`counts` since the last log (skipped records, dropped
+    captions, ...), checked finite, given the throughput since the last log (``<unit>_per_second``, and
+    ``tokens_per_second`` when the loop reports tokens) and written to ``metrics.jsonl`` and TensorBoard; the
+    progress bar shows ``postfix``. A checkpoint is saved every ``config.train.checkpoint_every`` steps, at the
+    last step, and when SIGTERM / SIGINT or a cluster preemption notice arrives, after which the loop stops.
+
+    Use as a context manager around the loop: leaving it (normally or by an exception) closes the checkpointer
+    (waiting for an async save), the writer and the bar, and restores the previous signal handlers::
+
+        with loop.LoopTail(config, workdir, ckpt, start, recipe="t2i") as tail:
+            for step in range(start, num_steps):
+                state, metrics = step_fn(state, batch)
+                if tail.end_step(step + 1, metrics, variables, rest, data_iter):
+                    break
+        return tail.last
+    """
+
+    def __init__(self, config, workdir: str, ckpt, start: int, *, recipe: str, unit: str = "images",
+                 scale_names: list[str] | None = None, postfix: tuple[str, ...] = ("loss", "accuracy"),
+                 desc: str | None = None):
+        tc = config.train
+        self.ckpt, self.start, self.num_steps = ckpt, start, int(tc.num_steps)
+        self.log_every, self.checkpoint_every = int(tc.log_every), int(tc.checkpoint_every)
+        self.global_batch = int(tc.global_batch_size)
+        self.unit, self.scale_names, self.postfix = unit, scale_names, postfix
+        self.meta = run_meta(config, recipe)
+        self.counts: collections.Counter = collections.Counter()  # host-side counters since the last log
+        self.last: dict[str, float] = {}  # the newest logged metrics
+        self._tokens: int | None = None
+        self._logged_step, self._timer = start, time.time()
+        process0 = jax.process_index() == 0
+        self.writer = logs.MetricsWriter(workdir, enabled=process0)
+        self.writer.drop_after(start)
+        self.guard = PreemptionGuard()
+        self.progress = logs.progress_bar(start, self.num_steps, process0, desc or recipe)
+
+    def __enter__(self) -> LoopTail:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            self.ckpt.close()
+        finally:
+            self.writer.close()
+            self.progress.close()
+            self.guard.restore()
+
+    def end_step(self, done: int, metrics: dict[str, Any], variables: Any, train_state: Any, data_iter,
+                 tokens: int | None = None) -> bool:
+        """After step ``done`` (1-based) whose device ``metrics`` are given; ``tokens``: the step's tokens over
+        all processes, when throughput in tokens means something. Returns True when the loop must stop."""
+        if tokens is not None:
+            self._tokens = (self._tokens or 0) + tokens
+        if done % self.log_every == 0 or done == self.num_steps:
+            self._log(done, metrics)
+        self.progress.update(1)
+        return save_if_due(self.ckpt, self.guard, done, self.num_steps, self.checkpoint_every, variables,
+                           train_state, data_iter, self.meta)
+
+    def _log(self, done: int, metrics: dict[str, Any]) -> None:
+        last = flatten_metrics(jax.device_get(metrics), self.scale_names)
+        last.update({name: float(value) for name, value in self.counts.items()})  # this process's
+        self.counts.clear()
+        check_finite(done, last)
+        elapsed = max(time.time() - self._timer, 1e-9)
+        last[f"{self.unit}_per_second"] = (done - self._logged_step) * self.global_batch / elapsed
+        if self._tokens is not None:
+            last["tokens_per_second"], self._tokens = self._tokens / elapsed, 0
+        self._logged_step, self._timer = done, time.time()
+        self.writer.write(done, last)
+        self.progress.set_postfix({name: f"{last[name]:.4g}" for name in self.postfix if name in last}
+                                  | {f"{self.unit}/s": f"{last[f'{self.unit}_per_second']:.1f}"})
+        self.last = last
+
+
 def merge_trees(base: dict, update: dict) -> dict:
     """``base`` with every leaf present in ``update`` replaced (nested dicts merged, others kept)."""
     out = dict(base)
@@ -144,7 +242,7 @@ def abstract_batch(mesh: Mesh, shape: tuple[int, ...], dtype,
     axes = sharding.spec[0] or ()
     ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
     if shape[0] % ways:
-        raise ValueError(f"{field}={shape[0]} does not divide over the {ways} data-parallel devices of mesh "
+        raise ConfigError(f"{field}={shape[0]} does not divide over the {ways} data-parallel devices of mesh "
                          f"{dict(mesh.shape)} (batch axes {axes}); change {field} or config.mesh.shape")
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
@@ -192,6 +290,24 @@ def resume_state(ckpt, start: int, step: Step, data_iter) -> TrainState:
     return TrainState(step=rest["step"], params=variables["params"], opt_state=rest["opt_state"])
 
 
+def resume_or_init(ckpt, step: Step, data_iter, seed: int, load_params=None) -> tuple[TrainState, int]:
+    """(state, first step): the newest checkpoint's state when the workdir has one (the data iterator continues
+    from its saved position, :func:`resume_state`), else a fresh state from ``seed``. ``load_params(params) ->
+    params`` may replace a fresh state's parameters (weights from HF or from another run); the optimizer state
+    is then made again for them."""
+    start = ckpt.latest_step()
+    if start is not None:
+        state = resume_state(ckpt, start, step, data_iter)
+        logger.info("resumed from %s at step %d", ckpt.directory, start)
+        return state, start
+    state = jax.jit(step.init_state, out_shardings=step.state_sh)(prng.make_key(seed))
+    params = load_params(state.params) if load_params is not None else state.params
+    if params is not state.params:  # fresh optimizer moments for the loaded parameters
+        state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=step.tx.init(p)),
+                        out_shardings=step.state_sh)(params)
+    return state, 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """A run's abstract state on a mesh, its shardings, the optimizer and the jitted update step."""
@@ -210,21 +326,18 @@ def build_step(config, model, init_inputs, make_train_step, mesh: Mesh, rules, *
     ``make_train_step(tx, labels)``. Creates no array on ``mesh``'s devices, so it also serves ahead-of-time
     compiles for TPU topologies.
 
-    init_inputs: ((shape, dtype), ...) of the dummy arguments of ``model.init``; other_in_shardings: those of
-    the step's arguments after the state; trainable / frozen: the optimizer's parameter regexes.
+    init_inputs: ``model.init``'s arguments after the key, as ShapeDtypeStructs (``models.t2i.init_args``);
+    other_in_shardings: those of the step's arguments after the state; trainable / frozen: the optimizer's
+    parameter regexes.
     """
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-
     def init_state(key) -> TrainState:
-        params = nn.unbox(model.init(key, *(jnp.zeros(*s) for s in init_inputs)))["params"]
+        params = nn.unbox(model.init(key, *(jnp.zeros(s.shape, s.dtype) for s in init_inputs)))["params"]
         tx, _ = optim.make_optimizer(config.optim, params, trainable, frozen)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in init_inputs))
+        boxed = jax.eval_shape(model.init, key, *init_inputs)
         param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
         abstract_state = jax.eval_shape(init_state, key)
         tx, labels = optim.make_optimizer(config.optim, abstract_state.params, trainable, frozen)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from tokenflow_jax.errors import ConfigError
+
 
 def path_labels(params: Any, trainable: Sequence[str] = (), frozen: Sequence[str] = ()) -> Any:
     """A tree like ``params`` of 'train' / 'freeze' labels."""
@@ -56,10 +58,10 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
     elif kind == "cosine":
         total = int(cfg.get("decay_steps", 0))
         if total <= warmup:
-            raise ValueError(f"optim.decay_steps ({total}) must exceed optim.warmup_steps ({warmup}) for 'cosine'")
+            raise ConfigError(f"optim.decay_steps ({total}) must exceed optim.warmup_steps ({warmup}) for 'cosine'")
         decay = optax.cosine_decay_schedule(lr, total - warmup, alpha=float(cfg.get("min_lr_ratio", 0.0)))
     else:
-        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {kind!r}")
+        raise ConfigError(f"optim.schedule must be 'constant' or 'cosine', got {kind!r}")
     if warmup <= 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])

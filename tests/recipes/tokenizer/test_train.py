@@ -35,7 +35,7 @@ def read_metrics(workdir):
 
 
 def test_few_steps_on_the_222_mesh_loss_finite_and_decreasing(tmp_path):
-    # One fixed batch (8 examples), so the loss before the adversarial term starts must go down. The SPEC's
+    # One fixed batch (8 examples), so the loss before the adversarial term starts must go down. The reference's
     # loss weights (LPIPS and teacher at 1), not tiny's CPU defaults, and the GAN from step 4.
     config = small_config("mesh.num_devices=0", "mesh.shape=(2, 2, 2)", "train.num_steps=6", "optim.lr=1e-3",
                           "loss.disc_start=4", "data.num_examples=8", "train.image_every=6",

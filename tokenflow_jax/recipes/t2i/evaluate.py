@@ -22,6 +22,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from tokenflow_jax.data import images as image_io
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 def _in_batches(generator, texts: list[str], schedule, desc: str = "sample") -> np.ndarray:
     """uint8 images [len(texts), H, W, 3], one per prompt (sample index 0), in global batches."""
-    import jax
-
 
     batch = int(generator.config.batch_size)
     out = []
@@ -115,7 +114,6 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def run(config, checkpoint_dir: str, num_per_category: int, loops: list[int], out_file: str | None) -> int:
-    import jax
 
     generator = ImageGenerator(config, checkpoint_dir)
     results = evaluate(generator, num_per_category, loops, seed=int(config.seed))

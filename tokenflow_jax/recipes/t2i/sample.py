@@ -28,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
+from tqdm import tqdm
 
 from tokenflow_jax import checkpoint, parallel, prng
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.data import pipeline
+from tokenflow_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError, InputNotFoundError
 from tokenflow_jax.models import t2i, t2i_sampler
 from tokenflow_jax.models import tokenizer as tokenizer_lib
 from tokenflow_jax.ops import sampling
@@ -47,7 +49,7 @@ logger = logging.getLogger(__name__)
 def read_prompts(path: str) -> list[str]:
     """Prompts from a text file (one per non-empty line) or JSON lines with a ``prompt`` field."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+        raise InputNotFoundError(f"prompt file {path!r} does not exist")
     prompts = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -58,13 +60,13 @@ def read_prompts(path: str) -> list[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not a JSON line ({e})") from e
+                    raise DataError(f"{path}:{number}: not a JSON line ({e})") from e
                 if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                    raise ValueError(f"{path}:{number}: expected an object with a string 'prompt' field")
+                    raise DataError(f"{path}:{number}: expected an object with a string 'prompt' field")
                 line = record["prompt"]
             prompts.append(line)
     if not prompts:
-        raise ValueError(f"prompt file {path!r} has no prompts (empty lines are skipped)")
+        raise DataError(f"prompt file {path!r} has no prompts (empty lines are skipped)")
     return prompts
 
 
@@ -72,11 +74,11 @@ def t2i_run_config(sample_config, checkpoint_dir: str):
     """The t2i config recorded in ``checkpoint_dir`` (or ``sample_config.model_config`` when none is)."""
 
     if checkpoint.latest_step(checkpoint_dir) is None:
-        raise FileNotFoundError(f"--checkpoint {checkpoint_dir!r}: no t2i checkpoint there (expected a training "
-                                "run's checkpoints directory, e.g. WORKDIR/checkpoints)")
+        raise CheckpointNotFoundError(f"--checkpoint {checkpoint_dir!r}: no t2i checkpoint there (expected a training "
+                                      "run's checkpoints directory, e.g. WORKDIR/checkpoints)")
     meta = checkpoint.read_meta(checkpoint_dir)
     if meta.get("recipe") not in (None, "t2i"):
-        raise ValueError(f"--checkpoint {checkpoint_dir!r} holds a {meta.get('recipe')!r} run, not a t2i model")
+        raise CheckpointError(f"--checkpoint {checkpoint_dir!r} holds a {meta.get('recipe')!r} run, not a t2i model")
     spec = meta.get("config_spec") or sample_config.model_config
     config = config_lib.build_config(spec, list(meta.get("config_overrides", [])) if meta.get("config_spec") else [])
     if sample_config.get("tokenizer_checkpoint"):
@@ -127,13 +129,8 @@ def aot_programs(config, mesh, rules) -> list:
     model_cfg = t2i_setup.model_config(t2i_config, tok_config)
     model = t2i.NextScaleT2I(model_cfg)
     tok_model = tokenizer_lib.build(tok_config)
-    p, n = model_cfg.text_length, model_cfg.num_tokens
-    shapes = ((1, p), jnp.int32), ((1, p), jnp.int32), ((1, n, model_cfg.code_dim), jnp.float32)
-    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(model.init, key, *(jax.ShapeDtypeStruct(*s) for s in shapes))
-        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
-    params = checkpoint.abstract_target(parallel.unbox_without_constraints(boxed)["params"], param_sh)
+    p = model_cfg.text_length
+    params = checkpoint.model_target(model, t2i.init_args(model_cfg), mesh, rules)["params"]
     tok_vars = frozen.abstract_tokenizer_variables(tok_model, mesh)
     codebook = jax.ShapeDtypeStruct((model_cfg.codebook_size, model_cfg.code_dim), jnp.float32,
                                     sharding=frozen.replicated(mesh))
@@ -173,14 +170,8 @@ class ImageGenerator:
         self._samplers: dict[Any, Any] = {}
 
     def _restore(self, checkpoint_dir: str) -> Any:
-        cfg = self.model.config
-        p, n = cfg.text_length, cfg.num_tokens
-        dummy = (jnp.zeros((1, p), jnp.int32), jnp.ones((1, p), jnp.int32), jnp.zeros((1, n, cfg.code_dim)))
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            boxed = jax.eval_shape(self.model.init, prng.make_key(0), *dummy)
-            shardings = parallel.shardings_from_abstract(boxed, self.mesh, self.rules)
-        target = checkpoint.abstract_target(parallel.unbox_without_constraints(boxed), shardings)
-        return checkpoint.restore_variables(checkpoint_dir, {"params": target["params"]})["params"]
+        return checkpoint.restore_model(self.model, t2i.init_args(self.model.config), checkpoint_dir, mesh=self.mesh,
+                                       rules=self.rules, collections=("params",))["params"]
 
     def settings(self, schedule: sampling.SamplingSchedule | None = None) -> dict[str, Any]:
         s = self.config.sample
@@ -229,8 +220,6 @@ def image_name(prompt_index: int, sample_index: int) -> str:
 def run(config, checkpoint_dir: str, prompts_file: str, out_dir: str, per_prompt: int | None = None,
         seed: int | None = None) -> int:
     """The ``generate`` command; returns the exit code."""
-    from tqdm import tqdm
-
 
     with config.unlocked():
         if per_prompt is not None:
@@ -238,7 +227,7 @@ def run(config, checkpoint_dir: str, prompts_file: str, out_dir: str, per_prompt
         if seed is not None:
             config.seed = seed
     if config.per_prompt < 1:
-        raise ValueError(f"--per-prompt must be >= 1, got {config.per_prompt}")
+        raise ConfigError(f"--per-prompt must be >= 1, got {config.per_prompt}")
     prompts = read_prompts(prompts_file)
     generator = ImageGenerator(config, checkpoint_dir)
     process, count = jax.process_index(), jax.process_count()

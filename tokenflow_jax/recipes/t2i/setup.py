@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from tokenflow_jax.data import text as text_lib
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import t2i
 
 logger = logging.getLogger(__name__)
@@ -42,12 +43,12 @@ def model_config(config, tok_config, text_tokenizer=None) -> t2i.T2IConfig:
     if not vocab:
         vocab = text_vocab + extra
     elif vocab < text_vocab + extra:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.llm.vocab_size={vocab} is smaller than the text tokenizer's {text_vocab} ids"
             + (f" + [PAD] + {k} image codes (head='extended')" if extra else "")
             + f" = {text_vocab + extra}")
     first_code = text_lib.first_image_code_id(text_tokenizer)
     if extended and first_code is not None and first_code != vocab - k:
-        raise ValueError(f"config.text.tokenizer={config.text.tokenizer!r} puts <vq_token_0> at id {first_code}, but "
-                         f"config.model.llm.vocab_size={vocab} with {k} codes puts it at {vocab - k}")
+        raise ConfigError(f"config.text.tokenizer={config.text.tokenizer!r} puts <vq_token_0> at id {first_code}, but "
+                          f"config.model.llm.vocab_size={vocab} with {k} codes puts it at {vocab - k}")
     return t2i.t2i_config(config, tok_config, vocab_size=vocab)

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from tokenflow_jax.data.pipeline import local_batch_size, stream_seeds
+from tokenflow_jax.errors import DataError
 
 
 class TokenRecord(grain.transforms.Map):
@@ -30,8 +31,8 @@ class TokenRecord(grain.transforms.Map):
     def map(self, record: dict[str, Any]) -> dict[str, Any]:
         indices = np.asarray(record["indices"], np.int32).reshape(-1)
         if indices.shape[0] != self.num_tokens:
-            raise ValueError(f"tokenized record {record.get('index')} holds {indices.shape[0]} tokens; the tokenizer "
-                             f"config implies {self.num_tokens} (were the shards written with another tokenizer?)")
+            raise DataError(f"tokenized record {record.get('index')} holds {indices.shape[0]} tokens; the tokenizer "
+                            f"config implies {self.num_tokens} (were the shards written with another tokenizer?)")
         return {"indices": indices, "caption": str(record.get("caption") or ""),
                 "index": np.int32(record.get("index", -1))}
 
@@ -43,7 +44,7 @@ def build_token_dataset(source: Any, *, num_tokens: int, global_batch_size: int,
     batch = local_batch_size(global_batch_size, process_count)
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if len(ds) == 0:
-        raise ValueError(f"{source!r} has {len(source)} records: too few for {process_count} processes")
+        raise DataError(f"{source!r} has {len(source)} records: too few for {process_count} processes")
     shuffle_seed, _ = stream_seeds(seed, process_index)
     ds = ds.map(TokenRecord(num_tokens)).shuffle(seed=shuffle_seed).repeat().batch(batch, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches))

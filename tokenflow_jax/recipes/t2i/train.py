@@ -1,4 +1,6 @@
-"""Next-scale text-to-image trainer: cross-entropy on image tokens with caption dropout (SPEC 5.5, 5.6).
+"""Next-scale text-to-image trainer: cross-entropy on image tokens with caption dropout (the loss of
+ByteFlow-AI/TokenFlow ``t2i/llava_t2i/model/language_model/llava_llama.py``, ``LlavaLlamaForCausalLM.forward``;
+the hyper-parameters of ``t2i/scripts/train_t2i.sh``).
 
     tokenflow-jax train --config configs/t2i.py:tiny --workdir DIR [--config.x=y ...]
 
@@ -13,10 +15,10 @@ donated; restarting the same command continues from the newest checkpoint in ``D
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -25,8 +27,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tokenflow_jax import checkpoint, prng
+from tokenflow_jax import checkpoint
 from tokenflow_jax.data import pipeline, token_shards
+from tokenflow_jax.errors import ConfigError, DataError
 from tokenflow_jax.models import t2i
 from tokenflow_jax.recipes.t2i import setup as t2i_setup
 from tokenflow_jax.recipes.t2i.tokens import build_token_dataset
@@ -46,11 +49,9 @@ def train(config, workdir: str) -> dict[str, float]:
     # ------------------------------------------------------------------------------------- set-up
     tc = config.train
     if not 0.0 <= float(tc.cond_drop_rate) < 1.0:
-        raise ValueError(f"config.train.cond_drop_rate must be in [0, 1), got {tc.cond_drop_rate}")
+        raise ConfigError(f"config.train.cond_drop_rate must be in [0, 1), got {tc.cond_drop_rate}")
     process, process_count = jax.process_index(), jax.process_count()
     logs.make_workdir(workdir)
-    writer = logs.MetricsWriter(workdir, enabled=process == 0)
-    guard = loop.PreemptionGuard()
 
     # --------------------------------------------------------------------------------------- mesh
     mesh, rules = loop.mesh_and_rules(config)
@@ -92,80 +93,45 @@ def train(config, workdir: str) -> dict[str, float]:
 
     # --------------------------------------------------------------------- state and its shardings
     step = build_step(config, model, mesh, rules)
-    abstract_state, state_sh, labels = step.abstract_state, step.state_sh, step.labels
-    _, total = optim.count_trainable(abstract_state.params, labels)
+    _, total = optim.count_trainable(step.abstract_state.params, step.labels)
     logger.info("t2i model: %.2fM parameters (decoder %.2fM), %d image tokens over %d scales, text prefix %d, "
                 "vocabulary %d, head %s", total / 1e6, model_cfg.llm.num_params() / 1e6, n, len(model_cfg.scales),
                 p, model_cfg.llm.vocab_size, model_cfg.head)
 
     # ------------------------------------------------------------------------ initialise or resume
-    ckpt = checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, use_async=tc.async_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None:
-        state = loop.resume_state(ckpt, start, step, data_iter)
-        logger.info("resumed from %s at step %d", ckpt.directory, start)
-    else:
-        state = jax.jit(step.init_state, out_shardings=state_sh)(prng.make_key(config.seed))
-        if config.model.get("init"):
-            state = state.replace(params=llm_init.init_from_hf(config, model_cfg.llm, state.params, mesh, rules))
-        start = 0
-    writer.drop_after(start)
+    def load_params(params):  # a fresh run: decoder weights from an HF model when config.model.init names one
+        return llm_init.init_from_hf(config, model_cfg.llm, params, mesh, rules) if config.model.get("init") else params
+
+    ckpt = loop.checkpointer(workdir, config)
+    state, start = loop.resume_or_init(ckpt, step, data_iter, config.seed, load_params)
 
     # ------------------------------------------------------------------------------- update step
     step_fn = step.step_fn
 
     # -------------------------------------------------------------------------------------- loop
-    scale_names = [f"scale_{s}" for s in model_cfg.scales]
-    meta = {"recipe": "t2i", "config_spec": config.get("config_spec", ""),
-            "config_overrides": list(config.get("config_overrides", [])), "config": config.to_json()}
-    num_steps = int(tc.num_steps)
-    last: dict[str, float] = {}
-    counts = {"dropped_captions": 0, "truncated_captions": 0}
-    progress = logs.progress_bar(start, num_steps, process == 0, "t2i")
-    timer = time.time()
-    try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            for step in range(start, num_steps):
-                local = next(data_iter)
-                host = caption_inputs(local["caption"], prompt_encoder, float(tc.cond_drop_rate),
-                                      np.random.default_rng([config.seed, step, process]), counts)
-                if encode is None:
-                    host["indices"] = local["indices"]
-                batch = pipeline.to_global_batch(host, mesh)
-                if encode is not None:
-                    batch["indices"] = encode(tok_vars, pipeline.to_global_batch(local, mesh, keys=("image",))["image"])
-                state, metrics = step_fn(state, codebook, batch)
-                done = step + 1
-                if done % tc.log_every == 0 or done == num_steps:
-                    last = loop.flatten_metrics(jax.device_get(metrics), scale_names)
-                    last.update({k: float(v) for k, v in counts.items()})  # this process, since the last log
-                    counts = dict.fromkeys(counts, 0)
-                    loop.check_finite(done, last)
-                    elapsed = time.time() - timer
-                    last["images_per_second"] = tc.log_every * global_batch / max(elapsed, 1e-9)
-                    timer = time.time()
-                    writer.write(done, last)
-                    progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}",
-                                         img_s=f"{last['images_per_second']:.1f}")
-                progress.update(1)
-                if loop.save_if_due(ckpt, guard, done, num_steps, tc.checkpoint_every, {"params": state.params},
-                                      rest_of_state(state), data_iter, meta):
-                    break
-    finally:
-        ckpt.close()
-        writer.close()
-        progress.close()
-        guard.restore()
-    return last
+    tail = loop.LoopTail(config, workdir, ckpt, start, recipe="t2i",
+                         scale_names=[f"scale_{s}" for s in model_cfg.scales])
+    with tail, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(start, int(tc.num_steps)):
+            local = next(data_iter)
+            # tail.counts: dropped and truncated captions of this process, logged with the next metrics
+            host = caption_inputs(local["caption"], prompt_encoder, float(tc.cond_drop_rate),
+                                  np.random.default_rng([config.seed, step, process]), tail.counts)
+            if encode is None:
+                host["indices"] = local["indices"]
+            batch = pipeline.to_global_batch(host, mesh)
+            if encode is not None:
+                batch["indices"] = encode(tok_vars, pipeline.to_global_batch(local, mesh, keys=("image",))["image"])
+            state, metrics = step_fn(state, codebook, batch)
+            if tail.end_step(step + 1, metrics, {"params": state.params}, rest_of_state(state), data_iter):
+                break
+    return tail.last
 
 
 def build_step(config, model: t2i.NextScaleT2I, mesh, rules) -> loop.Step:
     """``loop.build_step`` for the t2i update ``(state, codebook [K, C], batch) -> (state, metrics)``."""
-    cfg = model.config
-    p, n = cfg.text_length, cfg.num_tokens
-    inputs = (((1, p), jnp.int32), ((1, p), jnp.int32), ((1, n, cfg.code_dim), jnp.float32))
-    return loop.build_step(config, model, inputs, lambda tx, _: make_train_step(config, model, tx), mesh, rules,
-                             other_in_shardings=(NamedSharding(mesh, PartitionSpec()), None))
+    return loop.build_step(config, model, t2i.init_args(model.config), lambda tx, _: make_train_step(config, model, tx),
+                           mesh, rules, other_in_shardings=(NamedSharding(mesh, PartitionSpec()), None))
 
 
 def aot_programs(config, mesh, rules) -> list[loop.Program]:
@@ -192,7 +158,7 @@ def token_dataset(config, tok_config, path: str, global_batch: int):
     for field, ours in (("scales", list(q.scales)), ("codebook_size", int(q.codebook_size))):
         theirs = manifest.get(field)
         if theirs is not None and (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != ours:
-            raise ValueError(f"config.data.tokenized={path!r} was written with {field}={theirs}, but the tokenizer "
+            raise DataError(f"config.data.tokenized={path!r} was written with {field}={theirs}, but the tokenizer "
                              f"config ({tok_config.get('config_spec', '')}) has {field}={ours}")
     written_with, ours = manifest.get("checkpoint", ""), config.tokenizer.get("checkpoint", "")
     if os.path.abspath(written_with) != os.path.abspath(ours) if (written_with and ours) else written_with != ours:
@@ -204,7 +170,7 @@ def token_dataset(config, tok_config, path: str, global_batch: int):
 
 
 def caption_inputs(captions, encoder, drop_rate: float, rng: np.random.Generator,
-                   counts: dict[str, int]) -> dict[str, np.ndarray]:
+                   counts: collections.Counter) -> dict[str, np.ndarray]:
     """Captions [B] (numpy str) -> {'text_ids', 'text_mask'} [B, P] after dropout to the empty caption.
 
     Updates ``counts['dropped_captions']`` and ``counts['truncated_captions']`` (kept captions cut to fit).

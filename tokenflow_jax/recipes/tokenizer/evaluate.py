@@ -1,7 +1,8 @@
 """``tokenflow-jax eval``: reconstruction quality and codebook use of a tokenizer checkpoint.
 
-Follows the reference protocol (SPEC 3.4): centre crop to the config's resolution, encode + decode,
-reconstructions to uint8 via clamp(127.5 y + 128) with truncation, then per image
+Follows the reference protocol (ByteFlow-AI/TokenFlow ``tokenflow/tokenizer/reconstruction_vq_ddp.py``): centre
+crop to the config's resolution, encode + decode, reconstructions to uint8 via clamp(127.5 y + 128) with
+truncation, then per image
 
   * PSNR on [0, 1] images (data range 1);
   * SSIM with the standard data range 1, and with the reference's data_range=2 convention (labelled);
@@ -30,6 +31,7 @@ from jax.experimental import multihost_utils
 from tokenflow_jax import parallel
 from tokenflow_jax.data import images as image_io
 from tokenflow_jax.data import pipeline
+from tokenflow_jax.errors import ConfigError, DataError
 from tokenflow_jax.eval import fid, metrics
 from tokenflow_jax.models.inception import InceptionV3, load_fid_inception_params, resize_for_inception
 from tokenflow_jax.models.perceptual import LPIPS, load_lpips_params
@@ -119,7 +121,8 @@ def build_eval_fn(model, with_fid: bool):
     lpips, inception = LPIPS(), InceptionV3()
 
     def run(variables, frozen, images):
-        _, recon, _, _, indices = model.apply(variables, images)
+        out = model.apply(variables, images)
+        recon, indices = out.image, out.indices
         real_u8 = jnp.round((images + 1.0) * 127.5)
         fake_u8 = image_io.uint8_levels(recon, jnp)
         real01, fake01 = real_u8 / 255.0, fake_u8 / 255.0
@@ -179,11 +182,12 @@ def evaluate(config, checkpoint_dir: str | None, num_images: int | None = None, 
             count += int(valid.sum())
             bar.update(int(valid.sum()))
     if count == 0:
-        raise ValueError("evaluation saw no valid image; check config.data and config.eval")
+        raise DataError("evaluation saw no valid image; check config.data and config.eval")
     results: dict[str, Any] = {name: value / count for name, value in sums.items()}
     if with_fid:
         if count < 2:
-            raise ValueError("rFID needs at least 2 images")
+            raise ConfigError("rFID needs at least 2 images: raise --num-images (config.eval.num_images) or pass "
+                              "--no-fid")
         results["rfid"] = fid.frechet_distance(*stats_real.finalize(), *stats_fake.finalize())
     results["codebook_usage"] = float(np.mean(used.any(axis=0)))
     results["codebook_usage_per_scale"] = {f"scale_{s}": float(np.mean(u)) for s, u in zip(scales, used)}

@@ -14,9 +14,10 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tokenflow_jax import checkpoint, parallel, prng
+from tokenflow_jax import checkpoint, prng
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.data import images as image_io
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import tokenizer
 
 logger = logging.getLogger(__name__)
@@ -33,29 +34,15 @@ def tokenizer_config(config) -> Any:
         spec = meta.get("config_spec", "")
         overrides = list(meta.get("config_overrides", [])) + overrides
     if not spec:
-        raise ValueError("config.tokenizer.config is empty and config.tokenizer.checkpoint records no config: "
-                         "set --config.tokenizer.config=configs/tokenizer.py:VARIANT")
+        raise ConfigError("config.tokenizer.config is empty and config.tokenizer.checkpoint records no config: "
+                          "set --config.tokenizer.config=configs/tokenizer.py:VARIANT")
     return config_lib.build_config(spec, overrides)
-
-
-def abstract_variables(model: tokenizer.TokenFlow, batch: int = 1) -> Any:
-    """Boxed abstract variables of ``model`` (from ``jax.eval_shape`` of its init)."""
-    size = model.config.image_size
-    image = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    return jax.eval_shape(model.init, prng.make_key(0), image)
-
-
-def variable_shardings(abstract: Any, mesh: Mesh) -> Any:
-    """Where the tokenizer's variables live on ``mesh`` (the project's default logical-axis rules)."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
-        return parallel.shardings_from_abstract(abstract, mesh)
 
 
 def abstract_tokenizer_variables(model: tokenizer.TokenFlow, mesh: Mesh) -> Any:
     """ShapeDtypeStructs of ``model``'s variables placed as :func:`load_tokenizer` places them on ``mesh``: the
     frozen tokenizer input of an ahead-of-time compile (nothing is read or allocated)."""
-    abstract = abstract_variables(model)
-    return checkpoint.abstract_target(parallel.unbox_without_constraints(abstract), variable_shardings(abstract, mesh))
+    return checkpoint.model_target(model, tokenizer.init_args(model), mesh)
 
 
 def load_tokenizer(
@@ -65,17 +52,11 @@ def load_tokenizer(
 
     With ``checkpoint_dir`` the variables are restored (mismatches are reported key by key before
     anything is compiled); otherwise they are randomly initialised and a warning says so. With a
-    ``mesh`` the variables are sharded by the logical-axis rules, else they live on one device.
+    ``mesh`` the variables are sharded by the project's logical-axis rules, else they live on one device.
     """
     model = tokenizer.build(config)
-    abstract = abstract_variables(model)
-    if mesh is not None:
-        shardings = variable_shardings(abstract, mesh)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, parallel.unbox_without_constraints(abstract))
+    target = checkpoint.model_target(model, tokenizer.init_args(model), mesh)
     if checkpoint_dir:
-        target = checkpoint.abstract_target(parallel.unbox_without_constraints(abstract), shardings)
         variables = checkpoint.restore_variables(checkpoint_dir, target)
         logger.info("restored tokenizer variables from %s", checkpoint_dir)
         return model, variables
@@ -83,10 +64,9 @@ def load_tokenizer(
         "no tokenizer checkpoint given: using randomly initialised weights (seed %d); outputs are not "
         "meaningful reconstructions", seed,
     )
-    size = model.config.image_size
-    init = jax.jit(
-        lambda key: nn.unbox(model.init(key, jnp.zeros((1, size, size, 3), jnp.float32))), out_shardings=shardings
-    )
+    (image,) = tokenizer.init_args(model)
+    init = jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros(image.shape, image.dtype))),
+                   out_shardings=jax.tree.map(lambda t: t.sharding, target))
     return model, init(prng.make_key(seed))
 
 
@@ -94,8 +74,8 @@ def encode_decode_fn(model: tokenizer.TokenFlow):
     """jitted (variables, images [B, H, W, 3]) -> (image [B, H, W, 3], indices [B, L]) in eval mode."""
 
     def run(variables, images):
-        _, image, _, _, indices = model.apply(variables, images)
-        return image, indices
+        out = model.apply(variables, images)
+        return out.image, out.indices
 
     return jax.jit(run)
 
@@ -130,12 +110,9 @@ def load_codebook(config, checkpoint_dir: str | None = None, seed: int = 0) -> n
     model = tokenizer.build(config)
     if not checkpoint_dir:
         return np.asarray(codebook_vectors(model, load_tokenizer(config, None, seed=seed)[1]))
-    abstract = parallel.unbox_without_constraints(abstract_variables(model))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    flat = traverse_util.flatten_dict(abstract, sep="/")
+    flat = traverse_util.flatten_dict(checkpoint.model_target(model, tokenizer.init_args(model)), sep="/")
     # Every variable of the quantizer module (codebooks, and its state, which its setup reads): a few MB.
-    wanted = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in flat.items()
-              if k.split("/")[1] == "quantizer"}
+    wanted = {k: v for k, v in flat.items() if k.split("/")[1] == "quantizer"}
     target = traverse_util.unflatten_dict(wanted, sep="/")
     restored, missing = checkpoint.restore_variables_partially(checkpoint_dir, target)
     if missing:

@@ -1,9 +1,11 @@
-"""Tokenizer loss terms (SPEC 3.1). Images are [B, H, W, 3] in [-1, 1]."""
+"""Tokenizer loss terms (ByteFlow-AI/TokenFlow ``tokenflow/tokenizer/vq_loss.py``, ``VQLoss``). Images are
+[B, H, W, 3] in [-1, 1]."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.eval import metrics
 
 
@@ -14,7 +16,7 @@ def reconstruction_loss(images: jax.Array, recon: jax.Array, kind: str = "l2") -
         return jnp.mean(diff**2)
     if kind == "l1":
         return jnp.mean(jnp.abs(diff))
-    raise ValueError(f"loss.recon must be 'l2' or 'l1', got {kind!r}")
+    raise ConfigError(f"loss.recon must be 'l2' or 'l1', got {kind!r}")
 
 
 def semantic_cosine_loss(pred: jax.Array, target: jax.Array) -> jax.Array:

@@ -1,4 +1,5 @@
-"""The frozen semantic teacher whose patch features the semantic decoder regresses (SPEC 2.8, 3.1).
+"""The frozen semantic teacher whose patch features the semantic decoder regresses (ByteFlow-AI/TokenFlow
+``tokenflow/tokenizer/vq_loss.py``, ``VQLoss.get_regress_target``).
 
 ``config.teacher.kind``:
   * ``clip``   an HF CLIP vision tower (``model`` = hub id or local dir): ``ln_post`` on all patch
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenflow_jax.convert import hf, sources
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import layers
 from tokenflow_jax.models.perceptual import VGG16Features, load_lpips_params
 from tokenflow_jax.models.tokenizer import INPUT_SCALINGS, scale_input
@@ -79,7 +81,7 @@ class SemanticTeacher(nn.Module):
                 x = resize.bicubic_resize(x, (side, side))
             feats = VGG16Features(name="vgg16")(x, stride=cfg.stride)
             return feats.reshape(x.shape[0], cfg.grid * cfg.grid, -1)
-        raise ValueError(f"teacher.kind must be 'clip', 'siglip' or 'vgg16', got {cfg.kind!r}")
+        raise ConfigError(f"teacher.kind must be 'clip', 'siglip' or 'vgg16', got {cfg.kind!r}")
 
 
 def teacher_config(config) -> TeacherConfig:
@@ -87,14 +89,14 @@ def teacher_config(config) -> TeacherConfig:
     t = config.teacher
     grid = config.quantizer.scales[-1]
     if t.input_scaling not in (*INPUT_SCALINGS, "imagenet"):
-        raise ValueError(f"config.teacher.input_scaling: unknown {t.input_scaling!r}")
+        raise ConfigError(f"config.teacher.input_scaling: unknown {t.input_scaling!r}")
     if t.kind == "vgg16":
         stride = int(t.get("stride", 16))
         if stride not in (8, 16):
-            raise ValueError(f"config.teacher.stride must be 8 (relu4_3) or 16 (relu5_3) for vgg16, got {stride}")
+            raise ConfigError(f"config.teacher.stride must be 8 (relu4_3) or 16 (relu5_3) for vgg16, got {stride}")
         return TeacherConfig("vgg16", grid, t.input_scaling, stride=stride)
     if t.kind not in ("clip", "siglip"):
-        raise ValueError(f"config.teacher.kind must be 'clip', 'siglip' or 'vgg16', got {t.kind!r}")
+        raise ConfigError(f"config.teacher.kind must be 'clip', 'siglip' or 'vgg16', got {t.kind!r}")
 
     hf_config = sources.read_config(sources.resolve_model_dir(t.model))
     vit = hf.vit_config_from_hf(hf_config, t.kind)
@@ -114,7 +116,7 @@ def load_teacher_params(config, teacher: TeacherConfig) -> Any:
         if teacher.projection_dim:
             key = next((k for k in ("visual_projection.weight",) if k in state), None)
             if key is None:
-                raise ValueError(
+                raise hf.ConversionError(
                     f"{config.teacher.model!r} has no visual_projection.weight; use a CLIPModel or "
                     "CLIPVisionModelWithProjection checkpoint for the CLIP teacher"
                 )

@@ -46,7 +46,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from tokenflow_jax import checkpoint, parallel
 from tokenflow_jax.data import pipeline
@@ -58,6 +62,7 @@ from tokenflow_jax.data.token_shards import (
     read_manifest,
     shard_name,
 )
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.recipes.tokenizer import evaluate as tokenizer_eval
 
 logger = logging.getLogger(__name__)
@@ -100,7 +105,7 @@ def tokenize_data_config(config, data: str | None, num_images: int | None = None
         elif data.startswith("tfds:"):
             _, name, *split = data.split(":")
             if not name or len(split) > 1:
-                raise ValueError(f"--data {data!r}: expected tfds:NAME or tfds:NAME:SPLIT")
+                raise ConfigError(f"--data {data!r}: expected tfds:NAME or tfds:NAME:SPLIT")
             d.source, d.name, d.split = "tfds", name, split[0] if split else "train"
         elif os.path.isdir(data):
             d.source, d.path = "folder", os.path.abspath(data)
@@ -189,7 +194,7 @@ def check_compatible(existing: Mapping[str, Any], new: Mapping[str, Any], path: 
     lines = [f"{k.removeprefix('tokenizer.')}: {shown(old_fields, k)} there, {shown(new_fields, k)} now"
              for k in differ[:6]]
     more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
-    raise ValueError(
+    raise ConfigError(
         f"{path} was written by a different tokenization; " + "; ".join(lines) + more
         + ". Tokens of different tokenizers, data or chunk layouts must not share a directory: pass another --out, or "
         "delete the directory to start over"
@@ -210,8 +215,8 @@ def prepare_output(out_dir: str, manifest: Mapping[str, Any], is_writer: bool) -
     if os.path.isfile(path):
         check_compatible(read_manifest(out_dir, require_complete=False), manifest, path)
     elif os.path.isdir(out_dir) and any(n.startswith("tokens-") for n in os.listdir(out_dir)):
-        raise ValueError(f"{out_dir} holds token shards but no {MANIFEST}: their origin is unknown; pass another "
-                         "--out or delete them")
+        raise ConfigError(f"{out_dir} holds token shards but no {MANIFEST}: their origin is unknown; pass another "
+                          "--out or delete them")
     if is_writer:
         os.makedirs(out_dir, exist_ok=True)
         _write_json(path, manifest)
@@ -224,21 +229,17 @@ def prepare_output(out_dir: str, manifest: Mapping[str, Any], is_writer: bool) -
 
 def _gather(value: Any) -> np.ndarray:
     """``[processes, *shape]``: ``value`` (a numpy array or scalar) of every process, in process order."""
-    import jax
 
     if jax.process_count() == 1:
         return np.asarray(value)[None]
-    from jax.experimental import multihost_utils
 
     gathered = np.asarray(multihost_utils.process_allgather(np.asarray(value)))
     return gathered.reshape(jax.process_count(), *np.shape(value))
 
 
 def _sync(name: str) -> None:
-    import jax
 
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
 
@@ -326,18 +327,14 @@ def tokenize_dataset(config, checkpoint_dir: str | None, data_config, out_dir: s
       by this run over ``seconds``), ``steady_images_per_s`` (after the first batch), ``bytes`` (shard
       files), ``tokens_per_image``.
     """
-    import flax.linen as nn
-    import jax
-    from tqdm import tqdm
-
 
     if chunk_size <= 0:
-        raise ValueError(f"--chunk-size must be positive, got {chunk_size}")
+        raise ConfigError(f"--chunk-size must be positive, got {chunk_size}")
     if num_images is not None and num_images <= 0:
-        raise ValueError(f"--num-images must be positive, got {num_images}")
+        raise ConfigError(f"--num-images must be positive, got {num_images}")
     if data_config.get("image_size") != config.model.image_size:
-        raise ValueError(f"config.data.image_size={data_config.get('image_size')} but the tokenizer encodes "
-                         f"config.model.image_size={config.model.image_size} images; set them equal")
+        raise ConfigError(f"config.data.image_size={data_config.get('image_size')} but the tokenizer encodes "
+                          f"config.model.image_size={config.model.image_size} images; set them equal")
     batch_size = int(batch_size or config.eval.batch_size)
     process, processes = jax.process_index(), jax.process_count()
     local_batch = pipeline.local_batch_size(batch_size, processes)
@@ -438,7 +435,6 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 def run(config, checkpoint_dir: str | None, data: str | None, out_dir: str, num_images: int | None = None,
         batch_size: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
     """``tokenflow-jax tokenize``: tokenizes, prints the summary (process 0) and returns 0."""
-    import jax
 
     data_config = tokenize_data_config(config, data, num_images)
     summary = tokenize_dataset(config, checkpoint_dir, data_config, out_dir, num_images=num_images,

@@ -1,4 +1,5 @@
-"""Tokenizer trainer: TokenFlow + PatchGAN with L2/L1 + LPIPS + semantic cosine + VQ losses (SPEC 3).
+"""Tokenizer trainer: TokenFlow + PatchGAN with L2/L1 + LPIPS + semantic cosine + VQ losses
+(ByteFlow-AI/TokenFlow ``tokenflow/tokenizer/vq_train.py`` and ``vq_loss.py``; paper Table 11).
 
     tokenflow-jax train --config configs/tokenizer.py:tiny --workdir DIR [--config.x=y ...]
 
@@ -15,7 +16,6 @@ import dataclasses
 import functools
 import logging
 import os
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +31,7 @@ from tokenflow_jax.convert import semantic_tower
 from tokenflow_jax.convert.sources import WeightsNotFoundError
 from tokenflow_jax.data import images as image_io
 from tokenflow_jax.data import pipeline
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import discriminator as disc_lib
 from tokenflow_jax.models import tokenizer as tokenizer_lib
 from tokenflow_jax.models.perceptual import LPIPS, LPIPS_NETS, load_lpips_params
@@ -70,12 +71,10 @@ def train(config, workdir: str) -> dict[str, float]:
     # ------------------------------------------------------------------------------------- set-up
     tc = config.train
     if tc.get("stage", 1) == 2 and not (config.get("resume", "") or config.init.checkpoint):
-        raise ValueError("stage 2 (decoder fine-tune) starts from a trained tokenizer: set "
+        raise ConfigError("stage 2 (decoder fine-tune) starts from a trained tokenizer: set "
                          "--config.init.checkpoint=DIR (a tokenizer checkpoint or a converted official one)")
     process = jax.process_index()
     logs.make_workdir(workdir)
-    writer = logs.MetricsWriter(workdir, enabled=process == 0)
-    guard = loop.PreemptionGuard()
 
     # --------------------------------------------------------------------------------------- mesh
     mesh, rules = loop.mesh_and_rules(config)
@@ -100,7 +99,7 @@ def train(config, workdir: str) -> dict[str, float]:
     frozen = jax.device_put(frozen, frozen_sh)
 
     # ------------------------------------------------------------------------ initialise or resume
-    ckpt = checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, use_async=tc.async_checkpoints)
+    ckpt = loop.checkpointer(workdir, config)
     init_fn = jax.jit(step.init_state, out_shardings=state_sh)
     start = ckpt.latest_step()
     if start is not None:
@@ -109,7 +108,6 @@ def train(config, workdir: str) -> dict[str, float]:
     else:
         state = initialise(config, init_fn, abstract_state, state_sh, model)
         start = 0
-    writer.drop_after(start)
 
     # ------------------------------------------------------------------------------- update step
     step_fn = step.step_fn
@@ -117,53 +115,30 @@ def train(config, workdir: str) -> dict[str, float]:
     replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))  # readable on every host
 
     # -------------------------------------------------------------------------------------- loop
-    scale_names = [f"scale_{s}" for s in config.quantizer.scales]
-    meta = {"recipe": "tokenizer", "config_spec": config.get("config_spec", ""),
-            "config_overrides": list(config.get("config_overrides", [])), "config": config.to_json()}
     num_steps = int(tc.num_steps)
-    last: dict[str, float] = {}
     preview = None
-    progress = logs.progress_bar(start, num_steps, process == 0)
-    timer = time.time()
-    bad_images = 0
-    try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            for step in range(start, num_steps):
-                local = next(data_iter)
-                # Data metrics stay on the host: an in-step reduction that only depends on the input can
-                # run concurrently with the gradient all-reduces, which XLA:CPU's fake devices can deadlock on.
-                bad_images += int(np.sum(local["bad_images"]))
-                batch = pipeline.to_global_batch(local, mesh, keys=("image",))
-                if preview is None:  # the global batch's first rows, on every process (multi-host safe)
-                    preview = replicate(batch["image"][: tc.preview_images])
-                state, metrics = step_fn(state, frozen, batch)
-                done = step + 1
-                if done % tc.log_every == 0 or done == num_steps:
-                    last = loop.flatten_metrics(jax.device_get(metrics), scale_names)
-                    last["bad_images"] = float(bad_images)  # this process's count since the last log
-                    bad_images = 0
-                    loop.check_finite(done, last)
-                    elapsed = time.time() - timer
-                    last["images_per_second"] = tc.log_every * global_batch / max(elapsed, 1e-9)
-                    timer = time.time()
-                    writer.write(done, last)
-                    progress.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}",
-                                         img_s=f"{last['images_per_second']:.1f}")
-                progress.update(1)
-                if tc.image_every and (done % tc.image_every == 0 or done == num_steps):
-                    recon = np.asarray(replicate(recon_fn(state.variables(), preview)))
-                    grid = image_utils.image_grid([image_io.model_to_uint8(np.asarray(preview)),
-                                              image_io.model_to_uint8(recon)])
-                    writer.image(done, "reconstruction", grid, os.path.join(workdir, "images", f"recon_{done:08d}.png"))
-                if loop.save_if_due(ckpt, guard, done, num_steps, tc.checkpoint_every, state.variables(),
-                                      rest_of_state(state), data_iter, meta):
-                    break
-    finally:
-        ckpt.close()
-        writer.close()
-        progress.close()
-        guard.restore()
-    return last
+    tail = loop.LoopTail(config, workdir, ckpt, start, recipe="tokenizer", postfix=("loss", "psnr"),
+                         scale_names=[f"scale_{s}" for s in config.quantizer.scales])
+    with tail, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(start, num_steps):
+            local = next(data_iter)
+            # Data metrics stay on the host: an in-step reduction that only depends on the input can
+            # run concurrently with the gradient all-reduces, which XLA:CPU's fake devices can deadlock on.
+            tail.counts["bad_images"] += int(np.sum(local["bad_images"]))  # this process's, since the last log
+            batch = pipeline.to_global_batch(local, mesh, keys=("image",))
+            if preview is None:  # the global batch's first rows, on every process (multi-host safe)
+                preview = replicate(batch["image"][: tc.preview_images])
+            state, metrics = step_fn(state, frozen, batch)
+            done = step + 1
+            if tc.image_every and (done % tc.image_every == 0 or done == num_steps):
+                recon = np.asarray(replicate(recon_fn(state.variables(), preview)))
+                grid = image_utils.image_grid([image_io.model_to_uint8(np.asarray(preview)),
+                                               image_io.model_to_uint8(recon)])
+                tail.writer.image(done, "reconstruction", grid,
+                                  os.path.join(workdir, "images", f"recon_{done:08d}.png"))
+            if tail.end_step(done, metrics, state.variables(), rest_of_state(state), data_iter):
+                break
+    return tail.last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +157,7 @@ def build_parts(config, teacher_cfg: teacher_lib.TeacherConfig | None = None) ->
 
     teacher_cfg = teacher_cfg or teacher_lib.teacher_config(config)
     if teacher_cfg.feature_dim != config.model.semantic_out_dim:
-        raise ValueError(f"config.model.semantic_out_dim ({config.model.semantic_out_dim}) must equal the teacher's "
+        raise ConfigError(f"config.model.semantic_out_dim ({config.model.semantic_out_dim}) must equal the teacher's "
                          f"feature width ({teacher_cfg.feature_dim}, teacher.kind={config.teacher.kind!r})")
     return Parts(model=tokenizer_lib.build(config),
                  disc=disc_lib.PatchDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers),
@@ -195,7 +170,7 @@ def lpips_net(config) -> str:
 
     net = config.loss.get("lpips_net", "vgg16")
     if net not in LPIPS_NETS:
-        raise ValueError(f"config.loss.lpips_net must be one of {sorted(LPIPS_NETS)}, got {net!r}")
+        raise ConfigError(f"config.loss.lpips_net must be one of {sorted(LPIPS_NETS)}, got {net!r}")
     return net
 
 
@@ -418,7 +393,8 @@ def resume(ckpt: checkpoint.TrainCheckpointer, step: int, abstract_state: TrainS
 
 
 def initialise(config, init_fn, abstract_state: TrainState, state_sh: TrainState, model) -> TrainState:
-    """A fresh state, then weights from ``config.resume`` / ``config.init`` (SPEC resume order)."""
+    """A fresh state, then weights from ``config.resume`` / ``config.init`` (resume order: a checkpoint in the
+    workdir, see :func:`resume`, then ``config.resume``, then ``config.init``, then scratch)."""
     state = init_fn(prng.make_key(config.seed))
     source = config.get("resume", "") or config.init.checkpoint
     if source:

@@ -19,13 +19,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tokenflow_jax import checkpoint, parallel, prng
+from tokenflow_jax import checkpoint, parallel
 from tokenflow_jax.data import conversation, llava
 from tokenflow_jax.data import images as image_io
 from tokenflow_jax.models import vlm
@@ -59,12 +57,8 @@ class VqaModel:
         tokenizer = vlm_setup.text_tokenizer(config)
         model_cfg = vlm_setup.model_config(config, tok_config, tokenizer)
         model = vlm.VLM(model_cfg)
-        dummy = (jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, model_cfg.num_image_tokens, model_cfg.feature_dim)))
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            boxed = jax.eval_shape(model.init, prng.make_key(0), *dummy)
-            shardings = parallel.shardings_from_abstract(boxed, mesh, rules)
-        target = checkpoint.abstract_target(parallel.unbox_without_constraints(boxed), shardings)
-        params = checkpoint.restore_variables(checkpoint_dir, target)["params"]
+        params = checkpoint.restore_model(model, vlm.init_args(model_cfg), checkpoint_dir, mesh=mesh,
+                                          rules=rules)["params"]
         g = config.generate
 
         generator = AnswerDecoder(model, max_new_tokens=int(g.max_new_tokens),

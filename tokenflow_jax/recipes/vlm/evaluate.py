@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from tokenflow_jax.data import images as image_io
+from tokenflow_jax.errors import DataError, InputNotFoundError
 from tokenflow_jax.recipes.tokenizer import frozen
 from tokenflow_jax.recipes.vlm.answer import VqaModel
 from tokenflow_jax.shapes import vqa as shapes_vqa
@@ -47,6 +48,8 @@ def builtin_questions(config, num_per_category: int) -> list[dict[str, Any]]:
 def file_questions(path: str) -> list[dict[str, Any]]:
     """Questions of a JSONL file; bad lines are named with ``file:line``."""
 
+    if not os.path.isfile(path):
+        raise InputNotFoundError(f"question file {path!r} does not exist")
     root = os.path.dirname(os.path.abspath(path))
     out = []
     with open(path) as f:
@@ -62,11 +65,12 @@ def file_questions(path: str) -> list[dict[str, Any]]:
                 image = np.asarray(image_io.read_image(os.path.join(root, row["image"])))
                 out.append({"image": image, "question": question, "answer": str(row["answer"]),
                             "category": row.get("category", "all")})
-            except (KeyError, StopIteration, json.JSONDecodeError, OSError, image_io.ImageReadError) as e:
-                raise ValueError(f"{path}:{number}: not a usable question ({type(e).__name__}: {e}); expected JSON "
+            except (AttributeError, KeyError, TypeError, StopIteration, json.JSONDecodeError, OSError,
+                    image_io.ImageReadError) as e:
+                raise DataError(f"{path}:{number}: not a usable question ({type(e).__name__}: {e}); expected JSON "
                                  "with 'image', 'question' (or 'conversations') and 'answer'") from e
     if not out:
-        raise ValueError(f"{path}: no questions")
+        raise DataError(f"{path}: no questions")
     return out
 
 

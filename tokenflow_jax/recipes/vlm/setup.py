@@ -13,10 +13,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from tokenflow_jax import checkpoint
 from tokenflow_jax.data import llava, pipeline
 from tokenflow_jax.data import text as text_lib
+from tokenflow_jax.errors import CheckpointError, ConfigError
 from tokenflow_jax.models import transformer, vlm
 from tokenflow_jax.recipes.tokenizer import frozen as frozen_tokenizer
 from tokenflow_jax.shapes import vqa as shapes_vqa
@@ -33,8 +36,8 @@ def length_buckets(config) -> tuple[int, ...]:
     max_length = int(config.data.max_length)
     buckets = tuple(sorted({int(b) for b in config.train.get("length_buckets", ()) or (max_length,)}))
     if buckets[-1] != max_length or buckets[0] < 1:
-        raise ValueError(f"config.train.length_buckets={tuple(config.train.length_buckets)} must be positive and "
-                         f"end at config.data.max_length={max_length}")
+        raise ConfigError(f"config.train.length_buckets={tuple(config.train.length_buckets)} must be positive and "
+                          f"end at config.data.max_length={max_length}")
     return buckets
 
 
@@ -72,8 +75,8 @@ def model_config(config, tok_config, tokenizer=None) -> vlm.VLMConfig:
     if not fields["vocab_size"]:
         fields["vocab_size"] = needed
     elif fields["vocab_size"] < needed:
-        raise ValueError(f"config.model.llm.vocab_size={fields['vocab_size']} is smaller than the text tokenizer's "
-                         f"{needed} ids ({config.text.tokenizer})")
+        raise ConfigError(f"config.model.llm.vocab_size={fields['vocab_size']} is smaller than the text tokenizer's "
+                          f"{needed} ids ({config.text.tokenizer})")
     num_tokens, dim = vlm.feature_shape(tok_config, config.model.features)
     return vlm.VLMConfig(llm=transformer.TransformerConfig(**fields), feature_dim=dim, num_image_tokens=num_tokens)
 
@@ -89,10 +92,10 @@ def data_source(config, train: bool = True) -> Any:
     if d.source == "llava":
 
         if not d.path:
-            raise ValueError("config.data.path is empty: give the LLaVA-format .jsonl / .json file "
-                             "(and config.data.image_root for its images)")
+            raise ConfigError("config.data.path is empty: give the LLaVA-format .jsonl / .json file "
+                              "(and config.data.image_root for its images)")
         return llava.LlavaJsonlSource(d.path, image_root=d.image_root)
-    raise ValueError(f"config.data.source={d.source!r}: expected 'shapes_vqa' or 'llava'")
+    raise ConfigError(f"config.data.source={d.source!r}: expected 'shapes_vqa' or 'llava'")
 
 
 def _image_size(config) -> int:
@@ -119,7 +122,6 @@ def add_counts(counts: dict[str, float], batch: Mapping[str, Any]) -> None:
 def _global_max(value: int) -> int:
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int32))))
 
@@ -148,13 +150,11 @@ def to_global(host: Mapping[str, Any], mesh) -> dict[str, jax.Array]:
 def params_from_checkpoint(directory: str, params: Any, shardings: Any) -> Any:
     """``params`` with every entry that ``directory`` (a VLM checkpoints dir) holds in the same shape replaced
     by the stored value (stage 2 from stage 1); logs what was not found."""
-    from flax import traverse_util
-
 
     target = {"params": checkpoint.abstract_target(jax.eval_shape(lambda p: p, params), shardings)}
     restored, missing = checkpoint.restore_variables_partially(directory, target)
     if not restored:
-        raise ValueError(f"config.model.init_checkpoint={directory!r} holds none of this model's parameters")
+        raise CheckpointError(f"config.model.init_checkpoint={directory!r} holds none of this model's parameters")
     if missing:
         logger.info("init_checkpoint %s: %d parameters not found there keep their initial values: %s",
                     directory, len(missing), missing[:8])

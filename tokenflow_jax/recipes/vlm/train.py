@@ -1,4 +1,4 @@
-"""LLaVA-style understanding trainer on frozen TokenFlow features (SPEC 4.4).
+"""LLaVA-style understanding trainer on frozen TokenFlow features (ByteFlow-AI/TokenFlow ``i2t/scripts/v1_5/train.sh``).
 
     tokenflow-jax train --config configs/vlm.py:tiny --workdir DIR [--config.x=y ...]
 
@@ -20,7 +20,6 @@ Restarting the same command continues from the newest checkpoint in ``DIR``, exa
 from __future__ import annotations
 
 import logging
-import time
 
 import flax.linen as nn
 import jax
@@ -28,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tokenflow_jax import checkpoint, prng
+from tokenflow_jax import checkpoint
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import tokenizer as tokenizer_lib
 from tokenflow_jax.models import vlm
 from tokenflow_jax.recipes.tokenizer import frozen as frozen_tokenizer
@@ -46,10 +46,8 @@ def train(config, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the VLM described by ``config`` in ``workdir``; returns the last metrics."""
     # ------------------------------------------------------------------------------------- set-up
     tc = config.train
-    process, process_count = jax.process_index(), jax.process_count()
+    process_count = jax.process_count()
     logs.make_workdir(workdir)  # a gs:// workdir is not a local folder named 'gs:'
-    writer = logs.MetricsWriter(workdir, enabled=process == 0)
-    guard = loop.PreemptionGuard()
     buckets = vlm_setup.length_buckets(config)
 
     # --------------------------------------------------------------------------------------- mesh
@@ -71,11 +69,9 @@ def train(config, workdir: str) -> dict[str, float]:
 
     # --------------------------------------------------------------------- state and its shardings
     step = build_step(config, model, tok_model, mesh, rules)
-    abstract_state, state_sh, param_sh, labels, tx = (step.abstract_state, step.state_sh, step.param_sh,
-                                                      step.labels, step.tx)
-    trained, total = optim.count_trainable(abstract_state.params, labels)
+    trained, total = optim.count_trainable(step.abstract_state.params, step.labels)
     if trained == 0:
-        raise ValueError(f"config.train.trainable={tuple(tc.trainable)} / frozen={tuple(tc.frozen)} leave no "
+        raise ConfigError(f"config.train.trainable={tuple(tc.trainable)} / frozen={tuple(tc.frozen)} leave no "
                          "parameter to train (paths look like 'projector/fc1/kernel', 'llm/layers/...')")
     logger.info("vlm: %.2fM parameters, %.2fM trained (stage %d), %d image tokens of %d features (%s), "
                 "vocabulary %d, template %s, buckets %s", total / 1e6, trained / 1e6, config.stage,
@@ -83,77 +79,41 @@ def train(config, workdir: str) -> dict[str, float]:
                 model_cfg.llm.vocab_size, config.text.template, buckets)
 
     # ------------------------------------------------------------------------ initialise or resume
-    ckpt = checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, use_async=tc.async_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None:
-        state = loop.resume_state(ckpt, start, step, data_iter)
-        logger.info("resumed from %s at step %d", ckpt.directory, start)
-    else:
-        state = jax.jit(step.init_state, out_shardings=state_sh)(prng.make_key(config.seed))
-        params = state.params
+    def load_params(params):  # a fresh run: the LLM from HF (config.model.init), then a stage-1 run's weights
         if config.model.get("init"):
             params = llm_init.init_from_hf(config, model_cfg.llm, params, mesh, rules)
         if config.model.get("init_checkpoint"):
-            params = vlm_setup.params_from_checkpoint(config.model.init_checkpoint, params, param_sh)
-        if params is not state.params:  # fresh optimizer moments for the loaded parameters
-            state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                            out_shardings=state_sh)(params)
-        start = 0
-    writer.drop_after(start)
+            params = vlm_setup.params_from_checkpoint(config.model.init_checkpoint, params, step.param_sh)
+        return params
+
+    ckpt = loop.checkpointer(workdir, config)
+    state, start = loop.resume_or_init(ckpt, step, data_iter, config.seed, load_params)
 
     # ------------------------------------------------------------------------------- update step
     step_fn = step.step_fn
 
     # -------------------------------------------------------------------------------------- loop
-    meta = {"recipe": "vlm", "config_spec": config.get("config_spec", ""),
-            "config_overrides": list(config.get("config_overrides", [])), "config": config.to_json()}
-    num_steps = int(tc.num_steps)
-    last: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    progress = logs.progress_bar(start, num_steps, process == 0, f"vlm stage {config.stage}")
-    timer, tokens_seen = time.time(), 0
-    try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            for step_index in range(start, num_steps):
-                local = next(data_iter)
-                vlm_setup.add_counts(counts, local)
-                host = vlm_setup.trim_to_bucket(local, buckets)
-                tokens_seen += int(np.sum(host["length"])) * process_count
-                batch = vlm_setup.to_global(host, mesh)
-                state, metrics = step_fn(state, tok_vars, batch)
-                done = step_index + 1
-                if done % tc.log_every == 0 or done == num_steps:
-                    last = loop.flatten_metrics(jax.device_get(metrics))
-                    last.update(counts)  # this process, since the last log
-                    counts = {}
-                    loop.check_finite(done, last)
-                    elapsed = max(time.time() - timer, 1e-9)
-                    last["examples_per_second"] = tc.log_every * global_batch / elapsed
-                    last["tokens_per_second"] = tokens_seen / elapsed
-                    timer, tokens_seen = time.time(), 0
-                    writer.write(done, last)
-                    progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}",
-                                         ex_s=f"{last['examples_per_second']:.1f}")
-                progress.update(1)
-                if loop.save_if_due(ckpt, guard, done, num_steps, tc.checkpoint_every, {"params": state.params},
-                                      rest_of_state(state), data_iter, meta):
-                    break
-    finally:
-        ckpt.close()
-        writer.close()
-        progress.close()
-        guard.restore()
-    return last
+    tail = loop.LoopTail(config, workdir, ckpt, start, recipe="vlm", unit="examples",
+                         desc=f"vlm stage {config.stage}")
+    with tail, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step_index in range(start, int(tc.num_steps)):
+            local = next(data_iter)
+            vlm_setup.add_counts(tail.counts, local)  # skipped and truncated records of this process
+            host = vlm_setup.trim_to_bucket(local, buckets)
+            batch = vlm_setup.to_global(host, mesh)
+            state, metrics = step_fn(state, tok_vars, batch)
+            if tail.end_step(step_index + 1, metrics, {"params": state.params}, rest_of_state(state), data_iter,
+                             tokens=int(np.sum(host["length"])) * process_count):
+                break
+    return tail.last
 
 
 def build_step(config, model: vlm.VLM, tok_model, mesh, rules) -> loop.Step:
     """``loop.build_step`` for the VLM update ``(state, tokenizer variables, batch) -> (state, metrics)``,
     with ``train.trainable`` / ``train.frozen`` choosing the trained parameters."""
-    cfg = model.config
-    inputs = (((1, 8), jnp.int32), ((1, cfg.num_image_tokens, cfg.feature_dim), jnp.float32))
-    return loop.build_step(config, model, inputs,
-                             lambda tx, labels: make_train_step(config, model, tok_model, tx, labels), mesh, rules,
-                             trainable=config.train.trainable, frozen=config.train.frozen)
+    return loop.build_step(config, model, vlm.init_args(model.config),
+                           lambda tx, labels: make_train_step(config, model, tok_model, tx, labels), mesh, rules,
+                           trainable=config.train.trainable, frozen=config.train.frozen)
 
 
 def aot_programs(config, mesh, rules) -> list[loop.Program]:
