@@ -170,6 +170,11 @@ TRAIN_STATE = "train_state"
 DATA = "data"
 
 
+def data_item(stream: str) -> str:
+    """The checkpoint item of a named input stream's position."""
+    return f"{DATA}_{stream}"
+
+
 class TrainCheckpointer:
     """Async checkpoints of a training run under ``workdir/checkpoints``, keeping the latest ``keep``.
 
@@ -177,12 +182,17 @@ class TrainCheckpointer:
     discriminator, EMA, step: everything else that must survive a restart), ``data`` (the grain
     iterator's position, one JSON file per process) and ``meta``. Restores go into abstract targets
     carrying the *current* run's shardings, so a run can resume on a different mesh.
+
+    A run that reads several input streams names them (``data_streams``, e.g. ``('t2i', 'vlm')``) and passes
+    ``{name: iterator}`` where one iterator is otherwise passed; each position is its own item ``data_<name>``.
     """
 
-    def __init__(self, workdir: str, keep: int = 3, use_async: bool = True, save_interval_steps: int = 1):
-
+    def __init__(self, workdir: str, keep: int = 3, use_async: bool = True, save_interval_steps: int = 1,
+                 data_streams: tuple[str, ...] = ()):
+        self.data_items = {name: data_item(name) for name in data_streams}
         handlers = {**item_handlers(), TRAIN_STATE: ocp.StandardCheckpointHandler(),
-                    DATA: grain.checkpoint.CheckpointHandler()}
+                    DATA: grain.checkpoint.CheckpointHandler(),
+                    **{item: grain.checkpoint.CheckpointHandler() for item in self.data_items.values()}}
         # orbax's async writers need an absolute path (a relative one fails at the first async save).
         self.directory = (os.path.join(os.path.abspath(workdir), "checkpoints") if "://" not in workdir
                           else workdir + "/checkpoints")
@@ -207,9 +217,18 @@ class TrainCheckpointer:
             TRAIN_STATE: ocp.args.StandardSave(train_state),
             META: ocp.args.JsonSave(dict(meta, step=step)),
         }
-        if data_iterator is not None:
-            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        for item, iterator in self._data(data_iterator).items():
+            items[item] = grain.checkpoint.CheckpointSave(iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def _data(self, data_iterator: Any) -> dict[str, Any]:
+        """{item name: iterator} of one iterator (item ``data``), of ``{stream: iterator}`` (items ``data_<stream>``)
+        or of None (nothing); a stream's None is left out (its position is not restored)."""
+        if data_iterator is None:
+            return {}
+        if not isinstance(data_iterator, dict):
+            return {DATA: data_iterator}
+        return {self.data_items[name]: it for name, it in data_iterator.items() if it is not None}
 
     def restore(self, step: int, variables_target: Any, train_state_target: Any, data_iterator: Any) -> tuple[Any, Any]:
         """Restores ``step`` into the targets; the data iterator is positioned in place."""
@@ -224,8 +243,8 @@ class TrainCheckpointer:
                 )
         items = {VARIABLES: ocp.args.StandardRestore(variables_target),
                  TRAIN_STATE: ocp.args.StandardRestore(train_state_target)}
-        if data_iterator is not None:
-            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        for item, iterator in self._data(data_iterator).items():
+            items[item] = grain.checkpoint.CheckpointRestore(iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored[VARIABLES], restored[TRAIN_STATE]
 

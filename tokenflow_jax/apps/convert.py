@@ -94,14 +94,12 @@ def _recipe_meta(config, recipe: str, overrides: list[str], source: str) -> dict
 
 
 def _t2i_model_config(config):
-
     tok_config = frozen_tokenizer.tokenizer_config(config)
     text_tokenizer, _ = t2i_setup.text_parts(config)
     return t2i_setup.model_config(config, tok_config, text_tokenizer)
 
 
 def _vlm_model_config(config):
-
     return vlm_setup.model_config(config, frozen_tokenizer.tokenizer_config(config), vlm_setup.text_tokenizer(config))
 
 

@@ -89,7 +89,6 @@ class ArrayRecordSource:
     """
 
     def __init__(self, paths_or_glob: str | Sequence[str]):
-
         self.paths = resolve_paths(paths_or_glob)
         self._source = ArrayRecordDataSource(self.paths)
 

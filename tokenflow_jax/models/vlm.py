@@ -87,6 +87,46 @@ def splice_images(text_embeds: jax.Array, image_embeds: jax.Array, input_ids: ja
     return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+def splice_features(llm: transformer.Transformer, projector: nn.Module, feature_dim: int, input_ids: jax.Array,
+                    features: jax.Array | None) -> jax.Array:
+    """Token embeddings of input_ids [B, L] with ``projector(features)`` [B, T, C] -> [B, T, D] at the
+    IMAGE_TOKEN_INDEX positions (:func:`splice_images`); text only when ``features`` is None -> [B, L, D]."""
+    text = llm.embed(jnp.maximum(input_ids, 0))  # the sentinel's row is never read
+    if features is None:
+        return text
+    if features.ndim != 3 or features.shape[-1] != feature_dim:
+        raise ValueError(f"features must be [B, T, {feature_dim}], got {features.shape}")
+    image = projector(features.astype(llm.config.compute_dtype))
+    return splice_images(text, image, input_ids)
+
+
+# The understanding computations, as functions of a bound module that has ``llm`` and ``embed(input_ids,
+# features)``: the VLM and the unified model (models/unified.py) run the same code. Pass them as
+# ``module.apply(variables, ..., method=spliced_extend)``.
+
+def spliced_logits(module, input_ids: jax.Array, features: jax.Array | None, mask: jax.Array | None = None,
+                   positions: jax.Array | None = None) -> jax.Array:
+    """Float32 logits [B, L, V]; mask [B, L] (1 = token) as in ``Transformer.__call__``."""
+    return module.llm(inputs_embeds=module.embed(input_ids, features), mask=mask, positions=positions)
+
+
+def spliced_logits_at(module, input_ids: jax.Array, features: jax.Array | None, mask: jax.Array,
+                      positions: jax.Array, index: jax.Array) -> jax.Array:
+    """Float32 logits [B, V] of position ``index`` only (the no-cache decode reference: the other positions'
+    logits are never used, so under jit XLA drops their unembedding)."""
+    _, hidden = module.llm(inputs_embeds=module.embed(input_ids, features), mask=mask, positions=positions,
+                           return_hidden=True)
+    picked = jax.lax.dynamic_index_in_dim(hidden, index, axis=1, keepdims=True)  # [B, 1, D]
+    return module.llm.unembed(picked)[:, 0]
+
+
+def spliced_extend(module, cache: transformer.KVCache, input_ids: jax.Array, features: jax.Array | None, *,
+                   positions: jax.Array, valid: jax.Array | None = None, only_last: bool = True):
+    """``Transformer.extend`` on spliced embeddings: (logits [B, 1 or L, V], cache)."""
+    return module.llm.extend(cache, inputs_embeds=module.embed(input_ids, features), positions=positions,
+                             valid=valid, only_last=only_last)
+
+
 class VLM(nn.Module):
     """Projector + decoder. Entry points (``apply(..., method=...)``): ``__call__`` (training / full
     forward), ``embed`` (spliced input embeddings) and ``extend`` (KV-cached prefill and decode)."""
@@ -100,33 +140,23 @@ class VLM(nn.Module):
 
     def embed(self, input_ids: jax.Array, features: jax.Array | None) -> jax.Array:
         """input_ids [B, L] (IMAGE_TOKEN_INDEX at image positions), features [B, T, C] or None -> [B, L, D]."""
-        text = self.llm.embed(jnp.maximum(input_ids, 0))  # the sentinel's row is never read
-        if features is None:
-            return text
-        if features.ndim != 3 or features.shape[-1] != self.config.feature_dim:
-            raise ValueError(f"VLM: features must be [B, T, {self.config.feature_dim}], got {features.shape}")
-        image = self.projector(features.astype(self.config.llm.compute_dtype))
-        return splice_images(text, image, input_ids)
+        return splice_features(self.llm, self.projector, self.config.feature_dim, input_ids, features)
 
     def __call__(self, input_ids: jax.Array, features: jax.Array | None, mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
         """Float32 logits [B, L, V]; mask [B, L] (1 = token) as in ``Transformer.__call__``."""
-        return self.llm(inputs_embeds=self.embed(input_ids, features), mask=mask, positions=positions)
+        return spliced_logits(self, input_ids, features, mask, positions)
 
     def logits_at(self, input_ids: jax.Array, features: jax.Array | None, mask: jax.Array, positions: jax.Array,
                   index: jax.Array) -> jax.Array:
-        """Float32 logits [B, V] of position ``index`` only (the no-cache decode reference: the other
-        positions' logits are never used, so under jit XLA drops their unembedding)."""
-        _, hidden = self.llm(inputs_embeds=self.embed(input_ids, features), mask=mask, positions=positions,
-                             return_hidden=True)
-        picked = jax.lax.dynamic_index_in_dim(hidden, index, axis=1, keepdims=True)  # [B, 1, D]
-        return self.llm.unembed(picked)[:, 0]
+        """:func:`spliced_logits_at`."""
+        return spliced_logits_at(self, input_ids, features, mask, positions, index)
 
     def extend(self, cache: transformer.KVCache, input_ids: jax.Array, features: jax.Array | None, *,
                positions: jax.Array, valid: jax.Array | None = None, only_last: bool = True):
-        """``Transformer.extend`` on spliced embeddings: (logits [B, 1 or L, V], cache)."""
-        return self.llm.extend(cache, inputs_embeds=self.embed(input_ids, features), positions=positions,
-                               valid=valid, only_last=only_last)
+        """:func:`spliced_extend`."""
+        return spliced_extend(self, cache, input_ids, features, positions=positions, valid=valid,
+                              only_last=only_last)
 
 
 def token_nll(logits: jax.Array, labels: jax.Array, ignore_index: int = -100) -> tuple[jax.Array, jax.Array]:

@@ -24,7 +24,7 @@ import numpy as np
 from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import transformer
 from tokenflow_jax.models.llm_layers import positions_from_padding
-from tokenflow_jax.models.vlm import VLM
+from tokenflow_jax.models.vlm import VLM, spliced_extend, spliced_logits_at
 from tokenflow_jax.ops import sampling
 
 
@@ -58,13 +58,13 @@ class AnswerDecoder:
         cache = transformer.init_cache(self.model.config.llm, b, p + self.max_new_tokens)
         positions = positions_from_padding(prompt_mask)
         logits, cache = self.model.apply({"params": params}, cache, prompt_ids, features, positions=positions,
-                                         valid=prompt_mask.astype(bool), method=VLM.extend)
+                                         valid=prompt_mask.astype(bool), method=spliced_extend)
         return logits[:, -1], cache, positions[:, -1]
 
     def _step_fn(self, params, cache, token, position):
         """token [B], position [B] (its RoPE position) -> (logits [B, V], cache)."""
         logits, cache = self.model.apply({"params": params}, cache, token[:, None], None,
-                                         positions=position[:, None], method=VLM.extend)
+                                         positions=position[:, None], method=spliced_extend)
         return logits[:, -1], cache
 
     def _batch_fn(self, params, prompt_ids, prompt_mask, features, key):
@@ -125,7 +125,7 @@ def full_recompute(model: VLM, params: Any, prompt_ids: np.ndarray, prompt_mask:
     mask = np.concatenate([prompt_mask, np.ones((b, max_new_tokens), prompt_mask.dtype)], axis=1)
     positions = positions_from_padding(mask)
     forward = jax.jit(lambda prm, i, index: model.apply({"params": prm}, i, features, mask, positions, index,
-                                                         method=VLM.logits_at))
+                                                         method=spliced_logits_at))
     for t in range(max_new_tokens):
         logits = forward(params, ids, p + t - 1)
         ids[:, p + t] = np.asarray(jnp.argmax(logits, axis=-1))

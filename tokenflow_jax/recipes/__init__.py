@@ -4,8 +4,10 @@
               evaluate, tokenize (datasets into image-token shards)
   t2i/        setup, tokens (the shard stream), train, sample (batch generation), evaluate (ShapesEval)
   vlm/        setup, train, answer (chat and batched answers), evaluate (VQA accuracy)
+  unified/    setup, train: one decoder for both t2i and VLM (built on those two recipes)
 
-A recipe reaches another only through ``recipes.tokenizer.frozen``. Each ``train`` module exposes
+The tokenizer, t2i and VLM recipes reach each other only through ``recipes.tokenizer.frozen``; ``unified``
+builds on t2i and VLM, and nothing imports it. Each ``train`` module exposes
 ``train(config, workdir)`` and ``aot_programs(config, mesh, rules)`` (for ``tokenflow-jax compile``).
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from types import ModuleType
 
 from tokenflow_jax.errors import ConfigError
 
-RECIPES = ("tokenizer", "t2i", "vlm")
+RECIPES = ("tokenizer", "t2i", "vlm", "unified")
 
 
 def trainer(config) -> ModuleType:

@@ -15,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -116,10 +117,12 @@ def save_if_due(ckpt, guard: PreemptionGuard, done: int, num_steps: int, every: 
     return stop
 
 
-def checkpointer(workdir: str, config) -> checkpoint.TrainCheckpointer:
-    """The run's checkpoints under ``workdir/checkpoints``, kept and written as ``config.train`` says."""
+def checkpointer(workdir: str, config, data_streams: tuple[str, ...] = ()) -> checkpoint.TrainCheckpointer:
+    """The run's checkpoints under ``workdir/checkpoints``, kept and written as ``config.train`` says;
+    ``data_streams`` names the input streams of a run that reads several."""
     tc = config.train
-    return checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, use_async=tc.async_checkpoints)
+    return checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, use_async=tc.async_checkpoints,
+                                        data_streams=data_streams)
 
 
 def run_meta(config, recipe: str) -> dict[str, Any]:
@@ -134,8 +137,9 @@ class LoopTail:
 
     Every ``config.train.log_every`` steps (and at the last) the device metrics are fetched, flattened (vectors
     per scale), joined by the host-side counters of :attr:`counts` since the last log (skipped records, dropped
-    captions, ...), checked finite, given the throughput since the last log (``<unit>_per_second``, and
-    ``tokens_per_second`` when the loop reports tokens) and written to ``metrics.jsonl`` and TensorBoard; the
+    captions, ...), checked finite, given the throughput since the last log (``<unit>_per_second`` for each unit
+    of ``per_step``, default ``config.train.global_batch_size`` of ``unit``, and ``tokens_per_second`` when the
+    loop reports tokens) and written to ``metrics.jsonl`` and TensorBoard; the
     progress bar shows ``postfix``. A checkpoint is saved every ``config.train.checkpoint_every`` steps, at the
     last step, and when SIGTERM / SIGINT or a cluster preemption notice arrives, after which the loop stops.
 
@@ -151,13 +155,13 @@ class LoopTail:
     """
 
     def __init__(self, config, workdir: str, ckpt, start: int, *, recipe: str, unit: str = "images",
-                 scale_names: list[str] | None = None, postfix: tuple[str, ...] = ("loss", "accuracy"),
-                 desc: str | None = None):
+                 per_step: dict[str, int] | None = None, scale_names: list[str] | None = None,
+                 postfix: tuple[str, ...] = ("loss", "accuracy"), desc: str | None = None):
         tc = config.train
         self.ckpt, self.start, self.num_steps = ckpt, start, int(tc.num_steps)
         self.log_every, self.checkpoint_every = int(tc.log_every), int(tc.checkpoint_every)
-        self.global_batch = int(tc.global_batch_size)
-        self.unit, self.scale_names, self.postfix = unit, scale_names, postfix
+        self.per_step = per_step or {unit: int(tc.global_batch_size)}  # examples of each unit in one step
+        self.scale_names, self.postfix = scale_names, postfix
         self.meta = run_meta(config, recipe)
         self.counts: collections.Counter = collections.Counter()  # host-side counters since the last log
         self.last: dict[str, float] = {}  # the newest logged metrics
@@ -198,13 +202,14 @@ class LoopTail:
         self.counts.clear()
         check_finite(done, last)
         elapsed = max(time.time() - self._timer, 1e-9)
-        last[f"{self.unit}_per_second"] = (done - self._logged_step) * self.global_batch / elapsed
+        for unit, count in self.per_step.items():
+            last[f"{unit}_per_second"] = (done - self._logged_step) * count / elapsed
         if self._tokens is not None:
             last["tokens_per_second"], self._tokens = self._tokens / elapsed, 0
         self._logged_step, self._timer = done, time.time()
         self.writer.write(done, last)
         self.progress.set_postfix({name: f"{last[name]:.4g}" for name in self.postfix if name in last}
-                                  | {f"{self.unit}/s": f"{last[f'{self.unit}_per_second']:.1f}"})
+                                  | {f"{unit}/s": f"{last[f'{unit}_per_second']:.1f}" for unit in self.per_step})
         self.last = last
 
 
@@ -248,15 +253,22 @@ def abstract_batch(mesh: Mesh, shape: tuple[int, ...], dtype,
 
 
 def restorable_data_iterator(ckpt, step: int, data_iter):
-    """``data_iter`` when the checkpoint at ``step`` holds this process's iterator position, else None.
+    """``data_iter`` when the checkpoint at ``step`` holds this process's iterator position, else None (for a
+    ``{stream: iterator}`` dict, per stream).
 
     The data item is one file per process and process count (grain's ``process_{i}-of-{n}.json``): a run
     resumed with another number of processes restores the model and optimizer exactly, but each process's
     data stream (its own shard and shuffle) starts over, with a warning.
     """
 
+    if isinstance(data_iter, dict):
+        return {stream: _restorable(ckpt, step, it, checkpoint.data_item(stream)) for stream, it in data_iter.items()}
+    return _restorable(ckpt, step, data_iter, checkpoint.DATA)
+
+
+def _restorable(ckpt, step: int, data_iter, item: str):
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    data_dir = epath.Path(str(ckpt.directory)) / str(step) / checkpoint.DATA
+    data_dir = epath.Path(str(ckpt.directory)) / str(step) / item
     if not data_dir.exists() or (data_dir / name).exists():
         return data_iter
     written = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("process_"))
@@ -273,6 +285,22 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+
+
+def gradient_step(loss_fn, tx, schedule, labels=None):
+    """The decoder trainers' update ``(state, *inputs) -> (state, metrics)``: one gradient of
+    ``loss_fn(params, *inputs) -> (loss, metrics)``, the optimizer's update, and the metrics joined by the loss,
+    the gradient norm (of the trained parameters when ``labels`` marks them) and the learning rate."""
+
+    def train_step(state: TrainState, *inputs):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *inputs)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        trained = grads if labels is None else optim.trained_only(grads, labels)
+        metrics = {"loss": loss, **aux, "grad_norm": optim.l2_norm(trained), "lr": schedule(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
 
 
 def rest_of_state(state: TrainState) -> dict[str, Any]:

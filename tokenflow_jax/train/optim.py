@@ -84,8 +84,8 @@ def make_optimizer(cfg, params: Any, trainable: Sequence[str] = (), frozen: Sequ
 
 
 def l2_norm(tree: Any) -> jax.Array:
-    """``optax.global_norm`` of ``tree`` accumulated in float32 (bf16 leaves included); 0 for an empty tree."""
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    """``optax.tree.norm`` of ``tree`` accumulated in float32 (bf16 leaves included); 0 for an empty tree."""
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def trained_only(tree: Any, labels: Any) -> Any:

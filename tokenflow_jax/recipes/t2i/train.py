@@ -24,7 +24,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tokenflow_jax import checkpoint
@@ -67,7 +66,7 @@ def train(config, workdir: str) -> dict[str, float]:
     tokenized = config.data.get("tokenized", "")
     if tokenized:
         dataset = token_dataset(config, tok_config, tokenized, global_batch)
-        encode = None
+        encode, tok_vars = None, None
         codebook = frozen_tokenizer.load_codebook(tok_config, tok_checkpoint or None)  # only the codebooks are read
     else:
         if not tok_checkpoint:
@@ -113,15 +112,10 @@ def train(config, workdir: str) -> dict[str, float]:
                          scale_names=[f"scale_{s}" for s in model_cfg.scales])
     with tail, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(start, int(tc.num_steps)):
-            local = next(data_iter)
             # tail.counts: dropped and truncated captions of this process, logged with the next metrics
-            host = caption_inputs(local["caption"], prompt_encoder, float(tc.cond_drop_rate),
-                                  np.random.default_rng([config.seed, step, process]), tail.counts)
-            if encode is None:
-                host["indices"] = local["indices"]
-            batch = pipeline.to_global_batch(host, mesh)
-            if encode is not None:
-                batch["indices"] = encode(tok_vars, pipeline.to_global_batch(local, mesh, keys=("image",))["image"])
+            batch = generation_batch(next(data_iter), prompt_encoder, float(tc.cond_drop_rate),
+                                     np.random.default_rng([config.seed, step, process]), tail.counts, mesh,
+                                     encode, tok_vars)
             state, metrics = step_fn(state, codebook, batch)
             if tail.end_step(step + 1, metrics, {"params": state.params}, rest_of_state(state), data_iter):
                 break
@@ -167,6 +161,20 @@ def token_dataset(config, tok_config, path: str, global_batch: int):
     return build_token_dataset(token_shards.tokenized_source(path), num_tokens=sum(s * s for s in q.scales),
                                global_batch_size=global_batch, process_index=jax.process_index(),
                                process_count=jax.process_count(), seed=config.seed)
+
+
+def generation_batch(local, encoder, drop_rate: float, rng: np.random.Generator, counts: collections.Counter,
+                     mesh, encode=None, tok_vars=None) -> dict[str, jax.Array]:
+    """A process's batch (captions with image-token ``indices``, or with ``image``s that ``encode(tok_vars,
+    images)`` tokenises on the mesh) -> the global step input {'text_ids', 'text_mask' [B, P], 'indices' [B, N]}
+    after caption dropout (:func:`caption_inputs`)."""
+    host = caption_inputs(local["caption"], encoder, drop_rate, rng, counts)
+    if encode is None:
+        host["indices"] = local["indices"]
+    batch = pipeline.to_global_batch(host, mesh)
+    if encode is not None:
+        batch["indices"] = encode(tok_vars, pipeline.to_global_batch(local, mesh, keys=("image",))["image"])
+    return batch
 
 
 def caption_inputs(captions, encoder, drop_rate: float, rng: np.random.Generator,
@@ -217,11 +225,4 @@ def make_train_step(config, model: t2i.NextScaleT2I, tx):
         return jnp.mean(nll), {"accuracy": jnp.mean(correct), "scale_loss": per_scale(nll),
                                "scale_accuracy": per_scale(correct)}
 
-    def train_step(state: TrainState, codebook, batch):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, codebook, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **aux, "grad_norm": optim.l2_norm(grads), "lr": schedule(state.step)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return train_step
+    return loop.gradient_step(loss_fn, tx, schedule)

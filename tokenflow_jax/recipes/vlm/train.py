@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from tokenflow_jax import checkpoint
 from tokenflow_jax.errors import ConfigError
@@ -155,12 +154,4 @@ def make_train_step(config, model: vlm.VLM, tok_model, tx, labels):
         denom = jnp.maximum(count, 1.0)
         return jnp.sum(nll) / denom, {"accuracy": jnp.sum(correct) / denom, "trained_tokens": count}
 
-    def train_step(state: TrainState, tok_vars, batch):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tok_vars, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **aux, "grad_norm": optim.l2_norm(optim.trained_only(grads, labels)),
-                   "lr": schedule(state.step)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return train_step
+    return loop.gradient_step(loss_fn, tx, schedule, labels)
