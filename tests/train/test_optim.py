@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tokenflow_jax import config as config_lib
 from tokenflow_jax import parallel
+from tokenflow_jax.errors import UserError
 from tokenflow_jax.train import loop, optim
 
 
@@ -117,3 +118,11 @@ def test_cosine_schedule_with_warmup_and_bad_settings():
         optim.learning_rate_schedule(adam_config(schedule="cosine", warmup_steps=10, decay_steps=5))
     with pytest.raises(ValueError, match="schedule"):
         optim.learning_rate_schedule(adam_config(schedule="linear"))
+
+
+def test_regexes_that_freeze_everything_are_a_config_error():
+    params = {"projector": {"fc1": {"kernel": jnp.zeros((2, 2))}}, "llm": {"w": jnp.zeros((3,))}}
+    with pytest.raises(UserError, match=r"trainable=\('\^vision/',\) / frozen=\(\) leave no parameter"):
+        optim.path_labels(params, trainable=("^vision/",))
+    labels = optim.path_labels(params, frozen=("^llm/",))
+    assert labels == {"projector": {"fc1": {"kernel": "train"}}, "llm": {"w": "freeze"}}

@@ -25,7 +25,7 @@ from tokenflow_jax.errors import ConfigError
 
 
 def path_labels(params: Any, trainable: Sequence[str] = (), frozen: Sequence[str] = ()) -> Any:
-    """A tree like ``params`` of 'train' / 'freeze' labels."""
+    """A tree like ``params`` of 'train' / 'freeze' labels; a ConfigError when the regexes leave nothing to train."""
     trainable_re = [re.compile(p) for p in trainable]
     frozen_re = [re.compile(p) for p in frozen]
 
@@ -38,7 +38,11 @@ def path_labels(params: Any, trainable: Sequence[str] = (), frozen: Sequence[str
         return "train"
 
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({path: label(path) for path in flat})
+    labels = {path: label(path) for path in flat}
+    if labels and "train" not in labels.values():
+        raise ConfigError(f"config.train.trainable={tuple(trainable)} / frozen={tuple(frozen)} leave no parameter to "
+                          "train (paths look like 'projector/fc1/kernel', 'llm/layers/...')")
+    return traverse_util.unflatten_dict(labels)
 
 
 def count_trainable(params: Any, labels: Any) -> tuple[int, int]:

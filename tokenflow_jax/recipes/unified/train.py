@@ -89,9 +89,6 @@ def train(config, workdir: str) -> dict[str, float]:
     # --------------------------------------------------------------------- state and its shardings
     step = build_step(config, model, tok_model, mesh, rules)
     trained, total = optim.count_trainable(step.abstract_state.params, step.labels)
-    if trained == 0:
-        raise ConfigError(f"config.train.trainable={tuple(tc.trainable)} / frozen={tuple(tc.frozen)} leave no "
-                          "parameter to train")
     logger.info("unified: %.2fM parameters, %.2fM trained; %d image tokens over %d scales to generate, %d feature "
                 "tokens to read, vocabulary %d, head %s, template %s; per step %d captioned images + %d "
                 "conversations", total / 1e6, trained / 1e6, model_cfg.num_tokens, len(model_cfg.scales),

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenflow_jax import checkpoint
-from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import tokenizer as tokenizer_lib
 from tokenflow_jax.models import vlm
 from tokenflow_jax.recipes.tokenizer import frozen as frozen_tokenizer
@@ -69,9 +68,6 @@ def train(config, workdir: str) -> dict[str, float]:
     # --------------------------------------------------------------------- state and its shardings
     step = build_step(config, model, tok_model, mesh, rules)
     trained, total = optim.count_trainable(step.abstract_state.params, step.labels)
-    if trained == 0:
-        raise ConfigError(f"config.train.trainable={tuple(tc.trainable)} / frozen={tuple(tc.frozen)} leave no "
-                         "parameter to train (paths look like 'projector/fc1/kernel', 'llm/layers/...')")
     logger.info("vlm: %.2fM parameters, %.2fM trained (stage %d), %d image tokens of %d features (%s), "
                 "vocabulary %d, template %s, buckets %s", total / 1e6, trained / 1e6, config.stage,
                 model_cfg.num_image_tokens, model_cfg.feature_dim, config.model.features,
