@@ -10,6 +10,8 @@
     tokenflow-jax train --config configs/vlm.py:tiny --workdir DIR
     tokenflow-jax chat --checkpoint DIR/checkpoints --image X.png --prompt "How many circles are there?"
     tokenflow-jax eval-vqa --checkpoint DIR/checkpoints [--data builtin | questions.jsonl]
+    tokenflow-jax train --config configs/unified.py:tiny --workdir DIR       (one model: generate and chat both
+        take its checkpoint; generate --rerank N keeps the candidate the model itself judges best)
     tokenflow-jax convert --from official --checkpoint FILE.pt --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax convert --from hf --model ID_OR_PATH --config configs/tokenizer.py:xl --out DIR
     tokenflow-jax convert --from official-t2i --model RELEASED_DIR --config configs/t2i.py:7b --out DIR
@@ -94,11 +96,23 @@ def cmd_tokenize(args, overrides) -> int:
                         batch_size=args.batch_size, chunk_size=args.chunk_size)
 
 
+def _unified_server(checkpoint: str):
+    """The loaded model when ``checkpoint`` holds a unified run (it serves every inference command), else None."""
+    from tokenflow_jax.recipes.unified import serve
+
+    config = serve.recorded_config(checkpoint)
+    return None if config is None else serve.UnifiedServer(config, checkpoint)
+
+
 def cmd_generate(args, overrides) -> int:
     from tokenflow_jax.recipes.t2i import sample as generate
 
     config = _load_config(args.config, overrides)
-    return generate.run(config, args.checkpoint, args.prompts, args.out, per_prompt=args.per_prompt, seed=args.seed)
+    server = _unified_server(args.checkpoint)
+    generator = server and server.image_generator(config)
+    judge = server.caption_judge() if server and args.rerank > 1 else None
+    return generate.run(config, args.checkpoint, args.prompts, args.out, per_prompt=args.per_prompt, seed=args.seed,
+                        generator=generator, judge=judge, rerank=args.rerank)
 
 
 def cmd_eval_shapes(args, overrides) -> int:
@@ -109,21 +123,35 @@ def cmd_eval_shapes(args, overrides) -> int:
         loops = [int(x) for x in args.loops.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--loops must be a comma-separated list of 1, 2, 3, got {args.loops!r}") from None
-    return generation_eval.run(config, args.checkpoint, args.num_per_category, loops, args.out)
+    server = _unified_server(args.checkpoint)
+    judge = server.caption_judge() if server and args.rerank > 1 else None
+    return generation_eval.run(config, args.checkpoint, args.num_per_category, loops, args.out,
+                               generator=server and server.image_generator(config), judge=judge, rerank=args.rerank)
+
+
+def _vqa_config_and_model(args, overrides):
+    """(VLM config, None) for a VLM run; (the unified run's VLM view, its answerer) for a unified run."""
+    config = _load_config(args.config, overrides, args.checkpoint)
+    if config.get("recipe") != "unified":
+        return config, None
+    from tokenflow_jax.recipes.unified import serve
+
+    server = serve.UnifiedServer(config, args.checkpoint)
+    return server.vlm_config, server.vqa_model()
 
 
 def cmd_chat(args, overrides) -> int:
     from tokenflow_jax.recipes.vlm import answer as vlm_infer
 
-    config = _load_config(args.config, overrides, args.checkpoint)
-    return vlm_infer.chat(config, args.checkpoint, args.image, args.prompt)
+    config, vqa = _vqa_config_and_model(args, overrides)
+    return vlm_infer.chat(config, args.checkpoint, args.image, args.prompt, vqa=vqa)
 
 
 def cmd_eval_vqa(args, overrides) -> int:
     from tokenflow_jax.recipes.vlm import evaluate as vqa_eval
 
-    config = _load_config(args.config, overrides, args.checkpoint)
-    return vqa_eval.run(config, args.checkpoint, args.data, args.out, args.num_per_category)
+    config, vqa = _vqa_config_and_model(args, overrides)
+    return vqa_eval.run(config, args.checkpoint, args.data, args.out, args.num_per_category, vqa=vqa)
 
 
 def cmd_convert(args, overrides) -> int:
@@ -147,6 +175,9 @@ def cmd_export(args, overrides) -> int:
 
     config = _load_config(args.config, overrides, args.checkpoint)
     recipe = config.get("recipe", "tokenizer")
+    if recipe not in ("tokenizer", "t2i", "vlm"):
+        raise ConfigError(f"export writes the official layouts of tokenizer, t2i and VLM runs; {args.checkpoint!r} "
+                          f"holds a {recipe!r} run, which has no official counterpart")
     if recipe in ("t2i", "vlm"):
         export = convert_run.to_official_t2i if recipe == "t2i" else convert_run.to_official_vlm
         return export(config, args.checkpoint, args.out, args.dtype)
@@ -213,32 +244,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample images for a file of prompts with a t2i checkpoint (resumable)")
     p.add_argument("--config", required=True, help="sampling config FILE:ARG, e.g. configs/sample.py:tiny")
-    p.add_argument("--checkpoint", required=True, help="t2i training run's checkpoints directory")
+    p.add_argument("--checkpoint", required=True, help="t2i (or unified) training run's checkpoints directory")
     p.add_argument("--prompts", required=True, help="prompt file: one per line (.txt) or JSON lines with 'prompt'")
     p.add_argument("--out", required=True, help="output folder: images/, grids/, manifest.jsonl")
     p.add_argument("--per-prompt", type=int, help="images per prompt (default config.per_prompt)")
     p.add_argument("--seed", type=int, help="default config.seed")
+    p.add_argument("--rerank", type=int, default=1, metavar="N",
+                   help="unified checkpoints: draw N candidates per image and keep the one the model itself scores "
+                        "best (log-likelihood of the prompt as the candidate's caption); default 1")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("eval-shapes", help="ShapesEval (GenEval in the shapes world) of a t2i checkpoint per "
                                            "sampling strategy")
     p.add_argument("--config", required=True, help="sampling config FILE:ARG, e.g. configs/sample.py:tiny")
-    p.add_argument("--checkpoint", required=True, help="t2i training run's checkpoints directory")
+    p.add_argument("--checkpoint", required=True, help="t2i (or unified) training run's checkpoints directory")
     p.add_argument("--num-per-category", type=int, default=20, help="prompts per GenEval category (6 categories)")
     p.add_argument("--loops", default="1,3", help="sampling strategies to compare: passes per scale (1, 2, 3)")
     p.add_argument("--out", help="JSON output (default CHECKPOINT/shapes_eval.json)")
+    p.add_argument("--rerank", type=int, default=1, metavar="N",
+                   help="unified checkpoints: also score N candidates per prompt: their mean, the one the model "
+                        "judges best, and the best by the detector")
     p.set_defaults(fn=cmd_eval_shapes)
 
     p = sub.add_parser("chat", help="answer a question about an image with a VLM checkpoint, streaming the reply")
     p.add_argument("--config", help="vlm config FILE:ARG (default: the checkpoint's)")
-    p.add_argument("--checkpoint", required=True, help="VLM training run's checkpoints directory")
+    p.add_argument("--checkpoint", required=True, help="VLM (or unified) training run's checkpoints directory")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="the question")
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("eval-vqa", help="exact-match accuracy of a VLM checkpoint (Shapes-VQA or a question file)")
     p.add_argument("--config", help="vlm config FILE:ARG (default: the checkpoint's)")
-    p.add_argument("--checkpoint", required=True, help="VLM training run's checkpoints directory")
+    p.add_argument("--checkpoint", required=True, help="VLM (or unified) training run's checkpoints directory")
     p.add_argument("--data", default="builtin", help="'builtin' (held-out Shapes-VQA) or a questions .jsonl file")
     p.add_argument("--num-per-category", type=int, default=50, help="builtin questions per category")
     p.add_argument("--out", help="JSON output (default CHECKPOINT/vqa_eval.json)")

@@ -169,7 +169,7 @@ def stage_shapes_eval(demo, workdir: str) -> dict[str, Any]:
 
     s = demo.shapes_eval
     config = config_lib.build_config(s.config, [*s.overrides, f"--config.seed={demo.seed}"])
-    generator = ImageGenerator(config, os.path.join(workdir, "t2i", "checkpoints"))
+    generator = ImageGenerator.load(config, os.path.join(workdir, "t2i", "checkpoints"))
     results = generation_eval.evaluate(generator, int(s.num_per_category), list(s.loops), seed=demo.seed)
     print(generation_eval.format_table(results))
     # Held-out prompts (a seed the evaluation does not use), `per_prompt` samples each, the last strategy.

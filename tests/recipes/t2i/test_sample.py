@@ -76,7 +76,7 @@ def test_generate_errors(run_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
     assert generate(str(tmp_path / "nowhere"), prompts, tmp_path / "o") == 2
-    assert "no t2i checkpoint there" in capsys.readouterr().err
+    assert "no t2i or unified checkpoint there" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a red circle"}\n')
     assert generate(run_dir, bad, tmp_path / "o") == 2

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from tokenflow_jax.data import images as image_io
+from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.ops import sampling
 from tokenflow_jax.recipes.t2i.sample import ImageGenerator, clipped, local_rows
 from tokenflow_jax.recipes.tokenizer import frozen
@@ -37,8 +38,8 @@ from tokenflow_jax.utils.logs import progress_bar
 logger = logging.getLogger(__name__)
 
 
-def _in_batches(generator, texts: list[str], schedule, desc: str = "sample") -> np.ndarray:
-    """uint8 images [len(texts), H, W, 3], one per prompt (sample index 0), in global batches."""
+def _in_batches(generator, texts: list[str], schedule, desc: str = "sample", sample_index: int = 0) -> np.ndarray:
+    """uint8 images [len(texts), H, W, 3], one per prompt (image (i, sample_index)), in global batches."""
 
     batch = int(generator.config.batch_size)
     out = []
@@ -47,7 +48,7 @@ def _in_batches(generator, texts: list[str], schedule, desc: str = "sample") -> 
         chunk = texts[start : start + batch]
         rows = batching.pad_rows(chunk, batch)
         index = list(range(start, start + batch))
-        _, images, _ = generator.sample(rows, index, [0] * batch, schedule)
+        _, images, _ = generator.sample(rows, index, [sample_index] * batch, schedule)
         out.append(local_rows(images)[: len(chunk)])
         bar.update(len(chunk))
     bar.close()
@@ -77,7 +78,13 @@ def shifted_within_category(prompts) -> list:
     return [prompts[partner[i]] for i in range(len(prompts))]
 
 
-def evaluate(generator, num_per_category: int, loops: list[int], seed: int = 0) -> dict[str, Any]:
+def evaluate(generator, num_per_category: int, loops: list[int], seed: int = 0, judge=None,
+             rerank: int = 1) -> dict[str, Any]:
+    """ShapesEval per sampling strategy, with its chance and ceiling. With ``rerank`` = N > 1 and a ``judge``
+    (a unified model's :class:`~tokenflow_jax.recipes.unified.serve.CaptionJudge`), each strategy draws N
+    candidates per prompt (images (i, 0..N-1); candidate 0 is the plain strategy's image) and adds three rows
+    at that equal N: the mean over the N candidates (keeping any one of them), the candidate the judge scores
+    best, and the best of N by the detector itself (what a perfect judge would reach)."""
     prompts = shapes_eval.make_prompts(num_per_category, seed)
     texts = [p.text for p in prompts]
     results: dict[str, Any] = {"num_prompts": len(prompts), "strategies": {}}
@@ -93,11 +100,48 @@ def evaluate(generator, num_per_category: int, loops: list[int], seed: int = 0) 
         results["strategies"][f"{loop}-step"] = scored
         logger.info("%d-step sampling: overall %.1f%% (%.1f images/s)", loop, 100 * scored["overall"],
                     len(prompts) / seconds)
+        if rerank > 1:
+            results["strategies"].update(reranked(generator, judge, prompts, schedule, images, rerank, f"{loop}-step"))
     recon = tokenizer_round_trip(generator, prompts)
     results["ceiling"] = shapes_eval.evaluate(prompts, recon)
     results["chance"] = shapes_eval.evaluate(shifted_within_category(prompts), recon)
     results["settings"] = generator.settings()
     return results
+
+
+def _judged(judge, texts: list[str], images: np.ndarray, batch: int) -> np.ndarray:
+    """The judge's scores [len(texts)] of images [len(texts), H, W, 3], in batches of ``batch`` rows (the last one
+    padded by repetition, as the sampler's)."""
+    out = []
+    for start in range(0, len(texts), batch):
+        chunk = texts[start : start + batch]
+        rows = batching.pad_rows(list(range(start, start + len(chunk))), batch)
+        out.append(judge([texts[i] for i in rows], images[rows])[: len(chunk)])
+    return np.concatenate(out)
+
+
+def reranked(generator, judge, prompts, schedule, first: np.ndarray, rerank: int, name: str) -> dict[str, Any]:
+    """The rows :func:`evaluate` adds for ``rerank`` candidates per prompt; ``first``: candidate 0's images."""
+    texts = [p.text for p in prompts]
+    candidates = [first] + [_in_batches(generator, texts, schedule, f"{name} candidate {c + 1}/{rerank}", c)
+                            for c in range(1, rerank)]
+    scores = np.stack([_judged(judge, texts, images, int(generator.config.batch_size))
+                       for images in candidates])  # [N, prompts]
+    correct = np.array([[shapes_eval.score(p, image) for p, image in zip(prompts, images)]
+                        for images in candidates], bool)  # [N, prompts]
+    chosen = np.argmax(scores, axis=0)
+    by_judge = [candidates[c][i] for i, c in enumerate(chosen)]
+    by_detector = [candidates[int(np.argmax(correct[:, i]))][i] for i in range(len(prompts))]
+    per_candidate = [shapes_eval.evaluate(prompts, images) for images in candidates]
+    mean = {"categories": {cat: {"accuracy": float(np.mean([r["categories"][cat]["accuracy"] for r in per_candidate]))}
+                           for cat in per_candidate[0]["categories"]},
+            "overall": float(np.mean([r["overall"] for r in per_candidate]))}
+    rows = {f"{name}, mean of {rerank}": mean,
+            f"{name}, best of {rerank} by the model": shapes_eval.evaluate(prompts, by_judge),
+            f"{name}, best of {rerank} by the detector": shapes_eval.evaluate(prompts, by_detector)}
+    for row_name, row in rows.items():
+        logger.info("%s: overall %.1f%%", row_name, 100 * row["overall"])
+    return rows
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -113,10 +157,17 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(config, checkpoint_dir: str, num_per_category: int, loops: list[int], out_file: str | None) -> int:
-
-    generator = ImageGenerator(config, checkpoint_dir)
-    results = evaluate(generator, num_per_category, loops, seed=int(config.seed))
+def run(config, checkpoint_dir: str, num_per_category: int, loops: list[int], out_file: str | None, *,
+        generator=None, judge=None, rerank: int = 1) -> int:
+    """The ``eval-shapes`` command. ``generator``: a model already loaded (a unified run's); ``rerank`` > 1 with
+    its ``judge`` adds the reranking rows (see :func:`evaluate`)."""
+    if rerank < 1:
+        raise ConfigError(f"--rerank must be >= 1 (candidates per prompt), got {rerank}")
+    if rerank > 1 and judge is None:
+        raise ConfigError("--rerank needs a unified checkpoint: the model that generates must also read its images "
+                          f"to judge them, and {checkpoint_dir!r} holds a t2i run")
+    generator = generator or ImageGenerator.load(config, checkpoint_dir)
+    results = evaluate(generator, num_per_category, loops, seed=int(config.seed), judge=judge, rerank=rerank)
     print(format_table(results))
     out_file = out_file or os.path.join(checkpoint_dir, "shapes_eval.json")
     if jax.process_index() == 0:

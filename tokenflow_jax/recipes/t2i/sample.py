@@ -147,31 +147,39 @@ def aot_programs(config, mesh, rules) -> list:
 
 
 class ImageGenerator:
-    """A restored t2i model + its tokenizer, sampling and decoding batches of prompts on a mesh."""
+    """A t2i model (or a unified one: the same sampler runs on it) + its tokenizer, sampling and decoding batches
+    of prompts on a mesh. :meth:`load` restores a t2i run; a unified run's server (recipes/unified/serve.py) builds
+    one from the model it already holds."""
 
-    def __init__(self, sample_config, checkpoint_dir: str, mesh=None):
-        self.config = sample_config
-        self.t2i_config = t2i_run_config(sample_config, checkpoint_dir)
-        self.mesh = mesh or parallel.mesh_from_config(sample_config.mesh)
-        self.rules = parallel.rules_from_config(self.t2i_config.mesh)
-        tok_config = frozen.tokenizer_config(self.t2i_config)
-        self.text_tokenizer, self.encoder = t2i_setup.text_parts(self.t2i_config)
-        model_cfg = t2i_setup.model_config(self.t2i_config, tok_config, self.text_tokenizer)
-        self.model = t2i.NextScaleT2I(model_cfg)
-        self.params = self._restore(checkpoint_dir)
-        tok_checkpoint = self.t2i_config.tokenizer.get("checkpoint", "")
-        self.tok_model, self.tok_vars = frozen.load_tokenizer(tok_config, tok_checkpoint or None, mesh=self.mesh)
-        self.codebook = frozen.codebook_vectors(self.tok_model, self.tok_vars)
-        self.decode = frozen.decode_indices_fn(self.tok_model)
-        uncond = self.encoder([sample_config.sample.uncond_prompt])  # the same row for every prompt
+    def __init__(self, sample_config, run_config, model: t2i.NextScaleT2I, params: Any, mesh, tok_model, tok_vars,
+                 text_tokenizer, encoder):
+        self.config, self.t2i_config, self.mesh = sample_config, run_config, mesh
+        self.rules = parallel.rules_from_config(run_config.mesh)
+        self.model, self.params = model, params
+        self.tok_model, self.tok_vars = tok_model, tok_vars
+        self.text_tokenizer, self.encoder = text_tokenizer, encoder
+        self.codebook = frozen.codebook_vectors(tok_model, tok_vars)
+        self.decode = frozen.decode_indices_fn(tok_model)
+        uncond = encoder([sample_config.sample.uncond_prompt])  # the same row for every prompt
         self.uncond_ids, self.uncond_mask = uncond.ids, uncond.mask
-        self.schedule = schedule_from_config(sample_config.sample, model_cfg.codebook_size)
-        self.image_size = tok_config.model.image_size
+        self.schedule = schedule_from_config(sample_config.sample, model.config.codebook_size)
+        self.image_size = int(frozen.tokenizer_config(run_config).model.image_size)
         self._samplers: dict[Any, Any] = {}
 
-    def _restore(self, checkpoint_dir: str) -> Any:
-        return checkpoint.restore_model(self.model, t2i.init_args(self.model.config), checkpoint_dir, mesh=self.mesh,
-                                       rules=self.rules, collections=("params",))["params"]
+    @classmethod
+    def load(cls, sample_config, checkpoint_dir: str, mesh=None) -> ImageGenerator:
+        """Restores the t2i run in ``checkpoint_dir`` (its recorded config) and its frozen tokenizer."""
+        run_config = t2i_run_config(sample_config, checkpoint_dir)
+        mesh = mesh or parallel.mesh_from_config(sample_config.mesh)
+        rules = parallel.rules_from_config(run_config.mesh)
+        tok_config = frozen.tokenizer_config(run_config)
+        text_tokenizer, encoder = t2i_setup.text_parts(run_config)
+        model = t2i.NextScaleT2I(t2i_setup.model_config(run_config, tok_config, text_tokenizer))
+        params = checkpoint.restore_model(model, t2i.init_args(model.config), checkpoint_dir, mesh=mesh, rules=rules,
+                                          collections=("params",))["params"]
+        tok_checkpoint = run_config.tokenizer.get("checkpoint", "")
+        tok_model, tok_vars = frozen.load_tokenizer(tok_config, tok_checkpoint or None, mesh=mesh)
+        return cls(sample_config, run_config, model, params, mesh, tok_model, tok_vars, text_tokenizer, encoder)
 
     def settings(self, schedule: sampling.SamplingSchedule | None = None) -> dict[str, Any]:
         s = self.config.sample
@@ -217,9 +225,35 @@ def image_name(prompt_index: int, sample_index: int) -> str:
     return f"{prompt_index:05d}_{sample_index:02d}.png"
 
 
+def sample_best_of(generator: ImageGenerator, judge, rerank: int, prompts: Sequence[str], prompt_index: Sequence[int],
+                   sample_index: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This process's rows -> (indices [B, N], uint8 images [B, H, W, 3], truncation flags [B], candidate
+    scores [rerank, B]): the candidate the judge scores best of ``rerank`` draws per row.
+
+    Candidate c of output (i, j) is the image (i, j * rerank + c) (so ``rerank=1`` is plain sampling, and each
+    candidate is the same whatever batch it lands in). ``judge(prompts, images) -> scores [B]`` is the model's
+    own reading of its candidates (a unified model's :class:`~tokenflow_jax.recipes.unified.serve.CaptionJudge`).
+    """
+    best = scores = None
+    for c in range(rerank):
+        indices, images, truncated = generator.sample(prompts, prompt_index, [j * rerank + c for j in sample_index])
+        indices, images = local_rows(indices), local_rows(images)
+        if rerank == 1:
+            return indices, images, truncated, np.zeros((1, len(prompts)), np.float32)
+        score = np.asarray(judge(prompts, images), np.float32)
+        scores = score[None] if scores is None else np.concatenate([scores, score[None]])
+        if best is None:
+            best = [indices, images]
+        else:
+            better = score > scores[:-1].max(axis=0)
+            best[0][better], best[1][better] = indices[better], images[better]
+    return best[0], best[1], truncated, scores
+
+
 def run(config, checkpoint_dir: str, prompts_file: str, out_dir: str, per_prompt: int | None = None,
-        seed: int | None = None) -> int:
-    """The ``generate`` command; returns the exit code."""
+        seed: int | None = None, *, generator: ImageGenerator | None = None, judge=None, rerank: int = 1) -> int:
+    """The ``generate`` command; returns the exit code. ``generator``: a model already loaded (a unified run's);
+    ``rerank`` > 1 keeps, per image, the best of that many candidates by ``judge`` (see :func:`sample_best_of`)."""
 
     with config.unlocked():
         if per_prompt is not None:
@@ -228,8 +262,13 @@ def run(config, checkpoint_dir: str, prompts_file: str, out_dir: str, per_prompt
             config.seed = seed
     if config.per_prompt < 1:
         raise ConfigError(f"--per-prompt must be >= 1, got {config.per_prompt}")
+    if rerank < 1:
+        raise ConfigError(f"--rerank must be >= 1 (candidates per image), got {rerank}")
+    if rerank > 1 and judge is None:
+        raise ConfigError("--rerank needs a unified checkpoint: the model that generates must also read its images "
+                          f"to judge them, and {checkpoint_dir!r} holds a t2i run")
     prompts = read_prompts(prompts_file)
-    generator = ImageGenerator(config, checkpoint_dir)
+    generator = generator or ImageGenerator.load(config, checkpoint_dir)
     process, count = jax.process_index(), jax.process_count()
     global_batch = int(config.batch_size)
     local = pipeline.local_batch_size(global_batch, count)
@@ -262,9 +301,9 @@ def run(config, checkpoint_dir: str, prompts_file: str, out_dir: str, per_prompt
             tqdm(total=len(todo) * global_batch, disable=process != 0, unit="img", desc="generate") as bar:
         for b in todo:
             rows = mine(b)
-            indices, images, truncated = generator.sample([prompts[i] for _, i, _ in rows], [i for _, i, _ in rows],
-                                                          [j for _, _, j in rows])
-            images, indices = local_rows(images), local_rows(indices)
+            indices, images, truncated, scores = sample_best_of(
+                generator, judge, rerank, [prompts[i] for _, i, _ in rows], [i for _, i, _ in rows],
+                [j for _, _, j in rows])
             for r, (g, i, j) in enumerate(rows):
                 if g >= num_real:
                     continue
@@ -276,7 +315,8 @@ def run(config, checkpoint_dir: str, prompts_file: str, out_dir: str, per_prompt
                     truncated_prompts.add(i)
                 manifest.write(json.dumps({"prompt_index": i, "sample_index": j, "prompt": prompts[i],
                                            "file": os.path.join("images", name), "truncated": bool(truncated[r]),
-                                           "indices": indices[r].tolist(), **settings}) + "\n")
+                                           "indices": indices[r].tolist(), **settings, **chosen(scores[:, r])})
+                               + "\n")
                 written += 1
             manifest.flush()
             bar.update(global_batch)
@@ -293,6 +333,13 @@ def run(config, checkpoint_dir: str, prompts_file: str, out_dir: str, per_prompt
     print(f"wrote {written} images on this process in {elapsed:.1f} s ({written / max(elapsed, 1e-9):.2f} images/s); "
           f"{len(truncated_prompts)} truncated prompts; output: {out_dir}")
     return 0
+
+
+def chosen(scores: np.ndarray) -> dict[str, Any]:
+    """The manifest's reranking fields for one image: its candidates' scores [N] and the one kept."""
+    if len(scores) == 1:
+        return {}
+    return {"rerank": len(scores), "candidate": int(np.argmax(scores)), "candidate_scores": scores.round(4).tolist()}
 
 
 def merge_manifests(out_dir: str) -> None:

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class VqaModel:
     config: Any
-    model: vlm.VLM
+    model: Any  # vlm.VLM, or a unified model (same understanding entry points)
     params: Any
     tok_model: Any
     tok_vars: Any
@@ -55,18 +55,22 @@ class VqaModel:
         mesh, rules = loop.mesh_and_rules(config)
         tok_model, tok_vars, tok_config = vlm_setup.load_image_tokenizer(config, mesh)
         tokenizer = vlm_setup.text_tokenizer(config)
-        model_cfg = vlm_setup.model_config(config, tok_config, tokenizer)
-        model = vlm.VLM(model_cfg)
-        params = checkpoint.restore_model(model, vlm.init_args(model_cfg), checkpoint_dir, mesh=mesh,
+        model = vlm.VLM(vlm_setup.model_config(config, tok_config, tokenizer))
+        params = checkpoint.restore_model(model, vlm.init_args(model.config), checkpoint_dir, mesh=mesh,
                                           rules=rules)["params"]
-        g = config.generate
-
-        generator = AnswerDecoder(model, max_new_tokens=int(g.max_new_tokens),
-                              stop_ids=conversation.stop_ids(tokenizer, config.text.template),
-                              pad_id=int(tokenizer.pad_token_id), temperature=float(g.temperature),
-                              top_k=int(g.top_k), top_p=float(g.top_p))
         logger.info("loaded the VLM from %s (%d image tokens, template %s)", checkpoint_dir,
-                    model_cfg.num_image_tokens, config.text.template)
+                    model.config.num_image_tokens, config.text.template)
+        return cls.from_parts(config, model, params, tok_model, tok_vars, tok_config, tokenizer, mesh)
+
+    @classmethod
+    def from_parts(cls, config, model, params, tok_model, tok_vars, tok_config, tokenizer, mesh) -> VqaModel:
+        """An answerer over a model already restored: a VLM, or a unified model (recipes/unified/serve.py), whose
+        ``config`` is its VLM view. The answer decoder reads ``config.generate`` and the template's stop ids."""
+        g = config.generate
+        generator = AnswerDecoder(model, max_new_tokens=int(g.max_new_tokens),
+                                  stop_ids=conversation.stop_ids(tokenizer, config.text.template),
+                                  pad_id=int(tokenizer.pad_token_id), temperature=float(g.temperature),
+                                  top_k=int(g.top_k), top_p=float(g.top_p))
         kind = config.model.features
         encode = jax.jit(lambda v, x: vlm.visual_features(tok_model, v, x, kind))
         return cls(config, model, params, tok_model, tok_vars, tokenizer, generator, mesh,
@@ -130,13 +134,14 @@ def _sharded(x: np.ndarray, mesh) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def chat(config, checkpoint_dir: str, image_path: str, prompt: str, out=None) -> int:
+def chat(config, checkpoint_dir: str, image_path: str, prompt: str, out=None, vqa: VqaModel | None = None) -> int:
     """``tokenflow-jax chat``: streams the answer to ``prompt`` about the image at ``image_path`` to ``out``
-    (default: the current ``sys.stdout``, looked up at call time)."""
+    (default: the current ``sys.stdout``, looked up at call time). ``vqa``: a model already loaded (a unified
+    run's); otherwise the VLM in ``checkpoint_dir`` is restored."""
 
     out = sys.stdout if out is None else out
     image = np.asarray(image_io.read_image(image_path))
-    vqa = VqaModel.load(config, checkpoint_dir)
+    vqa = vqa or VqaModel.load(config, checkpoint_dir)
     for piece in vqa.stream(image, prompt):
         out.write(piece)
         out.flush()

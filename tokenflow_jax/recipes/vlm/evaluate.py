@@ -118,10 +118,12 @@ def evaluate(vqa, questions: Sequence[dict[str, Any]], batch_size: int, progress
     return answers
 
 
-def run(config, checkpoint_dir: str, data: str, out: str | None, num_per_category: int = 50) -> int:
+def run(config, checkpoint_dir: str, data: str, out: str | None, num_per_category: int = 50,
+        vqa: VqaModel | None = None) -> int:
+    """The ``eval-vqa`` command; ``vqa``: a model already loaded (a unified run's), else the VLM restored."""
 
     questions = builtin_questions(config, num_per_category) if data == "builtin" else file_questions(data)
-    vqa = VqaModel.load(config, checkpoint_dir)
+    vqa = vqa or VqaModel.load(config, checkpoint_dir)
     batch = int(config.generate.batch_size)
     data_ways = int(np.prod([vqa.mesh.shape[a] for a in ("data", "fsdp") if a in vqa.mesh.shape]))
     batch = max(data_ways, batch // data_ways * data_ways)  # divisible over the data axes
