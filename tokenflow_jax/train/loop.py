@@ -319,13 +319,14 @@ def resume_state(ckpt, start: int, step: Step, data_iter) -> TrainState:
 
 
 def resume_or_init(ckpt, step: Step, data_iter, seed: int, load_params=None) -> tuple[TrainState, int]:
-    """(state, first step): the newest checkpoint's state when the workdir has one (the data iterator continues
-    from its saved position, :func:`resume_state`), else a fresh state from ``seed``. ``load_params(params) ->
+    """(state, first step): the newest readable checkpoint's state when the workdir has one (the data iterator
+    continues from its saved position, :func:`resume_state`; a damaged newer step is warned about and set aside,
+    ``TrainCheckpointer.restore_newest``), else a fresh state from ``seed``. ``load_params(params) ->
     params`` may replace a fresh state's parameters (weights from HF or from another run); the optimizer state
     is then made again for them."""
-    start = ckpt.latest_step()
-    if start is not None:
-        state = resume_state(ckpt, start, step, data_iter)
+    found = ckpt.restore_newest(lambda start: resume_state(ckpt, start, step, data_iter))  # skips damaged steps
+    if found is not None:
+        start, state = found
         logger.info("resumed from %s at step %d", ckpt.directory, start)
         return state, start
     state = jax.jit(step.init_state, out_shardings=step.state_sh)(prng.make_key(seed))

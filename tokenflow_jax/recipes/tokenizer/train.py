@@ -101,9 +101,10 @@ def train(config, workdir: str) -> dict[str, float]:
     # ------------------------------------------------------------------------ initialise or resume
     ckpt = loop.checkpointer(workdir, config)
     init_fn = jax.jit(step.init_state, out_shardings=state_sh)
-    start = ckpt.latest_step()
-    if start is not None:
-        state = resume(ckpt, start, abstract_state, state_sh, loop.restorable_data_iterator(ckpt, start, data_iter))
+    found = ckpt.restore_newest(lambda start: resume(ckpt, start, abstract_state, state_sh,
+                                                     loop.restorable_data_iterator(ckpt, start, data_iter)))
+    if found is not None:  # the newest step that reads back (damaged newer ones are warned about and set aside)
+        start, state = found
         logger.info("resumed from %s at step %d", ckpt.directory, start)
     else:
         state = initialise(config, init_fn, abstract_state, state_sh, model)
