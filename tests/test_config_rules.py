@@ -115,7 +115,7 @@ def test_skip_budget_has_a_rule_wherever_a_data_section_puts_it():
      "config.model.semantic_encoder.width=64 must be a multiple of config.model.semantic_encoder.num_heads=3"),
     ("configs/vlm.py:tiny", "model.llm.num_kv_heads=3", "num_heads=4 must be a multiple of .*num_kv_heads=3"),
     ("configs/vlm.py:tiny", "generate.max_new_tokens=256", "leaves no room for a prompt"),
-    ("configs/vlm.py:tiny", "optim.warmup_steps=1500", "decay_steps=1500 must exceed .*warmup_steps=1500"),
+    ("configs/vlm.py:tiny", "optim.warmup_steps=1501", "decay_steps=1500 must be >= .*warmup_steps=1501"),
     ("configs/t2i.py:tiny", "mesh.shape=(-1, -1, 1)", "at most one entry may be -1"),
     ("configs/t2i.py:tiny", "mesh.shape=(-1, 1)", "one entry per axis"),
 ])
@@ -137,3 +137,7 @@ def test_the_vlm_schedule_follows_train_num_steps():
     pinned = config_lib.build_config("configs/vlm.py:tiny", ["--config.optim.decay_steps=400",
                                                              "--config.train.num_steps=200"])
     assert (pinned.optim.decay_steps, pinned.optim.warmup_steps, pinned.train.num_steps) == (400, 6, 200)
+    # One step: one warmup step and nothing left to decay, which is still a schedule.
+    one = config_lib.build_config("configs/vlm.py:tiny", ["--config.train.num_steps=1"])
+    assert (one.optim.decay_steps, one.optim.warmup_steps) == (1, 1)
+    assert [float(optim.learning_rate_schedule(one.optim)(s)) for s in (0, 1, 5)] == [0.0, 0.0, 0.0]

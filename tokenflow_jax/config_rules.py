@@ -13,7 +13,7 @@ config in configs/ has a rule (tests/test_config_rules.py fails otherwise), so a
 
 :func:`check` then runs the structural checks a range cannot say: GroupNorm's group count must divide each CNN's
 channel counts, the semantic ViT's patch grid must be the token grid, attention heads must divide the width,
-an answer must leave room for a prompt in ``max_positions``, a cosine schedule must be longer than its warmup, one
+an answer must leave room for a prompt in ``max_positions``, a cosine schedule cannot be shorter than its warmup, one
 mesh entry at most may be -1. (What only training needs, batches that divide over the mesh and rows that fit the
 decoder, ``tokenflow-jax train`` checks next: tokenflow_jax/train/preflight.py.)
 """
@@ -331,13 +331,13 @@ def _answer_length(config) -> None:
 
 
 def _schedule(config) -> None:
-    """A cosine schedule decays after its warmup, so it must be longer."""
+    """A cosine schedule decays after its warmup, so it cannot be shorter."""
     optim = config.get("optim")
     if isinstance(optim, ml_collections.ConfigDict) and optim.get("schedule") == "cosine":
         decay, warmup = int(optim.get("decay_steps", 0)), int(optim.get("warmup_steps", 0))
-        if decay <= warmup:
-            raise ConfigError(f"config.optim.decay_steps={decay} must exceed config.optim.warmup_steps={warmup} "
-                              "for the cosine schedule (configs/vlm.py derives both from config.train.num_steps)")
+        if decay < warmup:
+            raise ConfigError(f"config.optim.decay_steps={decay} must be >= config.optim.warmup_steps={warmup} for "
+                              "the cosine schedule (configs/vlm.py derives both from config.train.num_steps)")
 
 
 def _mesh(config) -> None:
