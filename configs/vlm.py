@@ -24,8 +24,6 @@ found there is taken, e.g. the aligned projector and the decoder).
   tokenflow-jax train --config configs/vlm.py:qwen14b,stage=1 --workdir gs://b/s1 \\
       --config.tokenizer.checkpoint=gs://b/tokenflow_xl --config.data.path=alignment.jsonl --config.data.image_root=...
 """
-import math
-
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.errors import ConfigError
 
@@ -93,17 +91,19 @@ def get_config(arg=None):
 
     # source: shapes_vqa (built in) | llava (JSONL / JSON list at data.path, images under data.image_root)
     config.data = config_lib.ConfigDict(dict(path="", image_root="", num_workers=0, **data))
-    steps = int(train["num_steps"])
-    lr = {0: 1e-3, 1: 1e-3, 2: 2e-5}[stage]
-    # Adam, cosine to 0 after 3% linear warmup, no weight decay, clip 1.0 (`i2t/scripts/v1_5/train.sh`).
-    config.optim = config_lib.ConfigDict(dict(lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
-                                          schedule="cosine", warmup_steps=math.ceil(0.03 * steps),
-                                          decay_steps=steps, min_lr_ratio=0.0))
     config.train = config_lib.ConfigDict(dict(
         trainable=("^projector/",) if stage == 1 else (),  # regexes; empty = everything
         frozen=(),
         keep_checkpoints=3, async_checkpoints=True, **train,
     ))
+    lr = {0: 1e-3, 1: 1e-3, 2: 2e-5}[stage]
+    # Adam, cosine to 0 after 3% linear warmup, no weight decay, clip 1.0 (`i2t/scripts/v1_5/train.sh`). The
+    # schedule's length and warmup follow --config.train.num_steps: they are references to it, derived ones (the
+    # `+ 0`), so overriding optim.decay_steps or optim.warmup_steps replaces that field alone.
+    steps = config.train.get_ref("num_steps")
+    config.optim = config_lib.ConfigDict(dict(lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+                                          schedule="cosine", warmup_steps=(steps * 3 + 99) // 100,  # ceil(3%)
+                                          decay_steps=steps + 0, min_lr_ratio=0.0))
     # chat / eval-vqa decoding
     config.generate = config_lib.ConfigDict(dict(max_new_tokens=16 if arg.variant == "tiny" else 512,
                                              temperature=0.0, top_k=0, top_p=0.0, batch_size=64))

@@ -24,7 +24,12 @@ Multi-process launches (TPU pods, SLURM, launch/local_multiprocess.sh) are detec
 given with --coordinator HOST:PORT --num-processes N --process-id I before the command (tokenflow_jax/distributed.py).
 
 Every command takes ``--config FILE:ARG`` plus any number of ``--config.a.b=value`` overrides; the
-config is loaded and validated before any model is built or compiled.
+config is loaded and validated (every field's range, tokenflow_jax/config_rules.py) before anything is created,
+built or compiled.
+
+Exit status: 0 done; 2 a user error (a bad config field, file, checkpoint or dataset; one line ``error: ...``);
+143 a `train` or `demo` stopped before its last step by SIGTERM or a cluster preemption notice, after saving its
+checkpoint (130 for Ctrl-C): run the same command again and it resumes. 1 with a traceback is a bug.
 """
 from __future__ import annotations
 
@@ -74,9 +79,15 @@ def cmd_reconstruct(args, overrides) -> int:
 
 def cmd_train(args, overrides) -> int:
     from tokenflow_jax import recipes
+    from tokenflow_jax.train import loop, preflight
 
     config = _load_config(args.config, overrides)
-    recipes.trainer(config).train(config, args.workdir)
+    preflight.check(config, args.workdir)  # before the trainer creates the workdir or a metrics file
+    try:
+        recipes.trainer(config).train(config, args.workdir)
+    except loop.Stopped as stopped:  # SIGTERM / SIGINT / a preemption notice, checkpoint saved: not finished
+        print(f"tokenflow-jax train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     return 0
 
 
@@ -334,6 +345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             distributed.initialize(args)
         return int(args.fn(args, overrides) or 0)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, compiling, evaluating)
+        if os.environ.get("TOKENFLOW_DEBUG"):
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     except UserError as e:
         # Bad input (a config field, a checkpoint, a weights file, the data): one line naming it, exit 2. Any other
         # exception is a bug and keeps its traceback. TOKENFLOW_DEBUG=1 shows the traceback of this one too.

@@ -4,7 +4,8 @@ A config is a Python file with ``get_config(arg)``; ``FILE:ARG`` picks a variant
 ``configs/tokenizer.py:b,res=256,enhanced``. ``ARG`` is a variant name followed by comma-separated
 ``key=value`` options (a bare ``key`` means ``key=True``). Any field can then be overridden on the
 command line with ``--config.a.b=value``; values are parsed as Python literals and must keep the
-field's type (ints may become floats), so a typo or a wrong type fails before anything compiles.
+field's type (ints may become floats), so a typo or a wrong type fails before anything compiles, and
+:func:`build_config` checks every numeric field's range (``config_rules.py``) before anything is created.
 
 Models hold frozen (hashable) dataclasses, not ConfigDicts, so Linen modules stay pure values:
 :func:`to_dataclass` is the one place where config fields meet them; an unknown or missing field, or a value
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 
 import ml_collections
 
+from tokenflow_jax import config_rules
 from tokenflow_jax.errors import ConfigError, InputNotFoundError
 
 ConfigDict = ml_collections.ConfigDict
@@ -124,9 +126,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 
 def build_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """:func:`load_config` then :func:`apply_overrides`; the overrides are recorded (``config.config_overrides``)
-    next to ``config.config_spec`` so checkpoints can rebuild the same config."""
+    """:func:`load_config` then :func:`apply_overrides`, then every field's range and the checks between fields
+    (:func:`tokenflow_jax.config_rules.check`: a ConfigError naming the field, before anything is created); the
+    overrides are recorded (``config.config_overrides``) next to ``config.config_spec`` so checkpoints can rebuild
+    the same config."""
     config = apply_overrides(load_config(spec), overrides)
+    config_rules.check(config)
     with config.unlocked():
         config.config_overrides = list(overrides)
     return config

@@ -8,6 +8,7 @@ import pytest
 
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.apps import demo, demo_report
+from tokenflow_jax.train import loop
 
 TOY = [
     "tokenizer.num_steps=3", "tokenizer.checkpoint_every=3", "tokenizer_eval.num_images=16",
@@ -82,3 +83,20 @@ def test_report_gives_each_figure_with_its_chance_level(toy_demo):
     assert "Shapes-VQA overall" in table and "time: total" in table
     total = sum(r["seconds"] for r in records.values())
     assert demo_report.total_seconds(records) == pytest.approx(total) and total > 0
+
+
+@pytest.mark.parametrize("stop, exit_code", [(loop.Stopped(2, 3, loop.EXIT_STOPPED), 143),
+                                             (loop.Stopped(2, 3, 130), 130), (KeyboardInterrupt(), 130)])
+def test_a_stopped_stage_exits_with_its_code_and_keeps_the_finished_ones(tmp_path, monkeypatch, capsys, stop,
+                                                                         exit_code):
+    """A trainer stopped by SIGTERM (a preemption notice) raises loop.Stopped(143): the demo returns 143, so a retry
+    loop runs it again; Ctrl-C is 130. The finished stage stays done, the stopped one is left to continue."""
+
+    def stopped(*_):
+        raise stop
+
+    monkeypatch.setattr(demo, "STAGES", (demo.Stage("first", "finishes", lambda *_: {"x": 1.0}),
+                                         demo.Stage("second", "is stopped", stopped)))
+    assert demo.run(config_lib.ConfigDict(), str(tmp_path)) == exit_code
+    assert demo.load_record(str(tmp_path), "first")["done"] and not demo.load_record(str(tmp_path), "second")["done"]
+    assert "stopped in stage 'second'" in capsys.readouterr().out

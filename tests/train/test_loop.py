@@ -74,26 +74,52 @@ def test_non_finite_metrics_stop_with_their_names_and_still_close(tmp_path):
     assert ckpt.closed and ckpt.saved == []
 
 
-def test_sigterm_saves_at_the_step_boundary_then_stops_and_handlers_are_restored(tmp_path):
-    before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_at_the_step_boundary_then_stops_unfinished_and_handlers_are_restored(tmp_path, signum,
+                                                                                            exit_code):
+    before = signal.getsignal(signum)
     ckpt = FakeCheckpointer()
     stopped_at = None
-    with loop.LoopTail(_config(num_steps=100, checkpoint_every=50), str(tmp_path), ckpt, 0, recipe="t2i") as tail:
-        for step in range(100):
-            if step == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-            if tail.end_step(step + 1, {"loss": np.float32(1.0)}, {}, {}, None):
-                stopped_at = step + 1
-                break
-    assert stopped_at == 5 and [s[0] for s in ckpt.saved] == [5]
-    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(loop.Stopped) as stopped:  # raised on leaving the loop, after the checkpointer closed
+        with loop.LoopTail(_config(num_steps=100, checkpoint_every=50), str(tmp_path), ckpt, 0, recipe="t2i") as tail:
+            for step in range(100):
+                if step == 4:
+                    os.kill(os.getpid(), signum)
+                if tail.end_step(step + 1, {"loss": np.float32(1.0)}, {}, {}, None):
+                    stopped_at = step + 1
+                    break
+    assert stopped_at == 5 and [s[0] for s in ckpt.saved] == [5] and ckpt.closed
+    assert (stopped.value.step, stopped.value.num_steps, stopped.value.exit_code) == (5, 100, exit_code)
+    assert "stopped at step 5 of 100" in str(stopped.value)
+    assert signal.getsignal(signum) is before
 
 
-def test_a_cluster_preemption_notice_saves_and_stops(tmp_path):
+def test_a_cluster_preemption_notice_saves_and_stops_with_143(tmp_path):
     ckpt = FakeCheckpointer(preempt_at=2)
-    with loop.LoopTail(_config(), str(tmp_path), ckpt, 0, recipe="tokenizer") as tail:
-        stops = [tail.end_step(s, {"loss": np.float32(1.0)}, {}, {}, None) for s in (1, 2)]
+    with pytest.raises(loop.Stopped) as stopped:
+        with loop.LoopTail(_config(), str(tmp_path), ckpt, 0, recipe="tokenizer") as tail:
+            stops = [tail.end_step(s, {"loss": np.float32(1.0)}, {}, {}, None) for s in (1, 2)]
     assert stops == [False, True] and [s[0] for s in ckpt.saved] == [2]
+    assert stopped.value.exit_code == loop.EXIT_STOPPED == 143
+
+
+def test_a_signal_at_the_last_step_is_a_finished_run(tmp_path):
+    """The last step's checkpoint is the finished model: leaving the loop raises nothing (exit 0)."""
+    ckpt = FakeCheckpointer()
+    with loop.LoopTail(_config(num_steps=3), str(tmp_path), ckpt, 0, recipe="t2i") as tail:
+        for step in range(3):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            stop = tail.end_step(step + 1, {"loss": np.float32(1.0)}, {}, {}, None)
+    assert stop and [s[0] for s in ckpt.saved] == [3]
+
+
+def test_an_error_in_the_loop_is_not_hidden_by_a_stop(tmp_path):
+    with pytest.raises(FloatingPointError):
+        with loop.LoopTail(_config(num_steps=10, log_every=1), str(tmp_path), FakeCheckpointer(preempt_at=1), 0,
+                           recipe="t2i") as tail:
+            tail.end_step(1, {"loss": np.float32(1.0)}, {}, {}, None)  # stop requested, then a NaN
+            tail.end_step(2, {"loss": np.float32(math.nan)}, {}, {}, None)
 
 
 def test_resume_drops_rows_after_the_checkpoint_and_counts_throughput_from_there(tmp_path):

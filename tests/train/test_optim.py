@@ -116,6 +116,10 @@ def test_cosine_schedule_with_warmup_and_bad_settings():
     assert float(sched(110)) == pytest.approx(1e-4, rel=1e-5)
     with pytest.raises(ValueError, match="decay_steps"):
         optim.learning_rate_schedule(adam_config(schedule="cosine", warmup_steps=10, decay_steps=5))
+    # No longer than its warmup: the warmup, then the final rate (lr x min_lr_ratio).
+    short = optim.learning_rate_schedule(adam_config(schedule="cosine", warmup_steps=10, decay_steps=10,
+                                                     min_lr_ratio=0.1))
+    assert float(short(5)) == pytest.approx(5e-4) and float(short(10)) == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="schedule"):
         optim.learning_rate_schedule(adam_config(schedule="linear"))
 

@@ -14,15 +14,15 @@ Stages, each an ordinary run of a recipe (its config is ``configs/demo.py``'s en
   7. vqa             Shapes-VQA on held-out scenes                     -> DIR/vqa_eval.json
   then DIR/report.md (and the same table on the terminal).
 
-Interrupting (Ctrl-C, SIGTERM) saves the running trainer's checkpoint; running the same command again skips the
-finished stages (``DIR/stages/NAME.json`` records each one's results and wall time) and resumes the rest. Stage
-settings are fixed by the first run: change a stage's config and that stage's folder must go.
+Interrupting (Ctrl-C, SIGTERM) saves the running trainer's checkpoint and exits with 130 (Ctrl-C) or 143 (SIGTERM,
+a cluster preemption notice); running the same command again skips the finished stages (``DIR/stages/NAME.json``
+records each one's results and wall time) and resumes the rest. Stage settings are fixed by the first run: change
+a stage's config and that stage's folder must go.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -32,8 +32,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from tokenflow_jax import checkpoint, recipes
 from tokenflow_jax import config as config_lib
+from tokenflow_jax import recipes
 from tokenflow_jax.apps import demo_report
 from tokenflow_jax.data import images as image_io
 from tokenflow_jax.errors import ConfigError
@@ -46,13 +46,11 @@ from tokenflow_jax.recipes.tokenizer import teacher, tokenize
 from tokenflow_jax.recipes.vlm import evaluate as vqa_eval
 from tokenflow_jax.shapes import detector as shapes_eval
 from tokenflow_jax.shapes import scenes as shapes
+from tokenflow_jax.train import loop
+from tokenflow_jax.utils import logs
 from tokenflow_jax.utils.images import image_grid
 
 STAGES_DIR = "stages"
-
-
-class Interrupted(Exception):
-    """A trainer stopped before its last step (a signal asked it to save and exit)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +85,10 @@ def t2i_config(demo, workdir: str) -> Any:
 
 def vlm_config(demo, workdir: str) -> Any:
     c = demo.vlm
-    steps = int(c.num_steps)
-    # The cosine schedule's length follows the run's (the config computes it from its own default).
+    # The cosine schedule's length and warmup follow train.num_steps (configs/vlm.py).
     return config_lib.build_config(c.config, [
-        *c.overrides, f"--config.train.num_steps={steps}", f"--config.train.checkpoint_every={c.checkpoint_every}",
-        f"--config.optim.decay_steps={steps}", f"--config.optim.warmup_steps={math.ceil(0.03 * steps)}",
+        *c.overrides, f"--config.train.num_steps={c.num_steps}",
+        f"--config.train.checkpoint_every={c.checkpoint_every}",
         f"--config.tokenizer.checkpoint={tokenizer_checkpoint(workdir)}",
         f"--config.tokenizer.overrides={tuple(demo.tokenizer.overrides)!r}", f"--config.seed={demo.seed}"])
 
@@ -101,10 +98,8 @@ def vlm_config(demo, workdir: str) -> Any:
 def _train(config, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the recipe's trainer; the mean logged throughput and the last metrics."""
 
-    recipes.trainer(config).train(config, workdir)
+    recipes.trainer(config).train(config, workdir)  # loop.Stopped when a signal stops it before its last step
     steps = int(config.train.num_steps)
-    if checkpoint.latest_step(os.path.join(workdir, "checkpoints")) != steps:
-        raise Interrupted(workdir)
     logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     steady = logged[1:] or logged  # the first interval includes compilation
     rates = {k: float(np.mean([m[k] for m in steady if k in m]))
@@ -247,10 +242,12 @@ def save_record(workdir: str, name: str, record: dict[str, Any]) -> None:
 
 
 def run(demo, workdir: str) -> int:
-    """Runs every unfinished stage, then writes the report; 0 when done, 130 when a trainer was interrupted."""
+    """Runs every unfinished stage, then writes the report. Returns 0 when done; when a stage was stopped, after
+    saving what it can (a trainer its checkpoint): 143 for SIGTERM or a preemption notice, 130 for Ctrl-C."""
 
     if jax.process_count() > 1:
         raise ConfigError("the demo is a single-process run; launch the recipes themselves on several hosts")
+    logs.make_workdir(workdir)  # a ConfigError naming it when it is a file
     os.makedirs(os.path.join(workdir, STAGES_DIR), exist_ok=True)
     for number, stage in enumerate(STAGES, 1):
         record = load_record(workdir, stage.name)
@@ -262,12 +259,13 @@ def run(demo, workdir: str) -> int:
         start = time.time()
         try:
             results = stage.run(demo, workdir)
-        except (Interrupted, KeyboardInterrupt):
+        except (loop.Stopped, KeyboardInterrupt) as stop:
             record["seconds"] += time.time() - start
             save_record(workdir, stage.name, record)
-            print(f"\n[demo] interrupted in stage {stage.name!r} (its checkpoint is saved); run the same command "
-                  "again to continue", flush=True)
-            return 130
+            saved = " (its checkpoint is saved)" if isinstance(stop, loop.Stopped) else ""
+            print(f"\n[demo] stopped in stage {stage.name!r}{saved}; run the same command again to continue",
+                  flush=True)
+            return stop.exit_code if isinstance(stop, loop.Stopped) else 130
         except BaseException:
             record["seconds"] += time.time() - start  # time spent still counts when the retry finishes
             save_record(workdir, stage.name, record)

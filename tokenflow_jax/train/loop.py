@@ -27,12 +27,30 @@ from tokenflow_jax.utils import logs, trees
 logger = logging.getLogger(__name__)
 
 
+# The exit status of a run stopped before its last step by SIGTERM or a cluster preemption notice, after its
+# checkpoint is complete: 128 + SIGTERM, what a shell reports for a process SIGTERM ended. A retry loop keyed on the
+# exit code (0 finished, 2 a user error) runs the same command again, and it resumes.
+EXIT_STOPPED = 128 + signal.SIGTERM
+
+
+class Stopped(Exception):
+    """A run stopped before its last step by a signal (SIGTERM, SIGINT) or a cluster preemption notice, raised when
+    the loop's context is left, after its checkpoint at ``step`` is complete. Not an error: ``exit_code`` is 128 +
+    the signal (:data:`EXIT_STOPPED` = 143 for SIGTERM and preemption notices, 130 for Ctrl-C)."""
+
+    def __init__(self, step: int, num_steps: int, exit_code: int):
+        super().__init__(f"stopped at step {step} of {num_steps} by a termination request; its checkpoint is saved, "
+                         "run the same command again to resume")
+        self.step, self.num_steps, self.exit_code = step, num_steps, exit_code
+
+
 class PreemptionGuard:
     """Turns SIGTERM (and SIGINT) into a flag the loop checks at step boundaries, so the trainer can save
     a checkpoint and exit cleanly instead of dying mid-step. A second signal exits at once."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.requested = False
+        self.signum: int | None = None  # the signal that asked to stop
         self._previous = {}
         for sig in signals:
             try:
@@ -44,7 +62,12 @@ class PreemptionGuard:
         if self.requested:
             raise SystemExit(128 + signum)
         logger.warning("received signal %d: saving a checkpoint at the end of this step, then exiting", signum)
-        self.requested = True
+        self.requested, self.signum = True, signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal received; :data:`EXIT_STOPPED` when none was (a cluster preemption notice)."""
+        return EXIT_STOPPED if self.signum is None else 128 + self.signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -144,7 +167,9 @@ class LoopTail:
     last step, and when SIGTERM / SIGINT or a cluster preemption notice arrives, after which the loop stops.
 
     Use as a context manager around the loop: leaving it (normally or by an exception) closes the checkpointer
-    (waiting for an async save), the writer and the bar, and restores the previous signal handlers::
+    (waiting for an async save), the writer and the bar, and restores the previous signal handlers. A loop that
+    stopped before ``num_steps`` then raises :class:`Stopped` (its checkpoint complete), so the command exits with
+    its ``exit_code`` (143 for SIGTERM) rather than 0 and a retry loop knows to run it again::
 
         with loop.LoopTail(config, workdir, ckpt, start, recipe="t2i") as tail:
             for step in range(start, num_steps):
@@ -172,17 +197,20 @@ class LoopTail:
         self.writer.drop_after(start)
         self.guard = PreemptionGuard()
         self.progress = logs.progress_bar(start, self.num_steps, process0, desc or recipe)
+        self.stopped: Stopped | None = None  # set when a termination request stopped the loop before num_steps
 
     def __enter__(self) -> LoopTail:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
         try:
             self.ckpt.close()
         finally:
             self.writer.close()
             self.progress.close()
             self.guard.restore()
+        if exc_type is None and self.stopped is not None:
+            raise self.stopped
 
     def end_step(self, done: int, metrics: dict[str, Any], variables: Any, train_state: Any, data_iter,
                  tokens: int | None = None) -> bool:
@@ -193,8 +221,11 @@ class LoopTail:
         if done % self.log_every == 0 or done == self.num_steps:
             self._log(done, metrics)
         self.progress.update(1)
-        return save_if_due(self.ckpt, self.guard, done, self.num_steps, self.checkpoint_every, variables,
+        stop = save_if_due(self.ckpt, self.guard, done, self.num_steps, self.checkpoint_every, variables,
                            train_state, data_iter, self.meta)
+        if stop and done < self.num_steps:
+            self.stopped = Stopped(done, self.num_steps, self.guard.exit_code)
+        return stop
 
     def _log(self, done: int, metrics: dict[str, Any]) -> None:
         last = flatten_metrics(jax.device_get(metrics), self.scale_names)

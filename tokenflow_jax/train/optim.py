@@ -60,10 +60,13 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
     if kind == "constant":
         decay = optax.constant_schedule(lr)
     elif kind == "cosine":
-        total = int(cfg.get("decay_steps", 0))
-        if total <= warmup:
-            raise ConfigError(f"optim.decay_steps ({total}) must exceed optim.warmup_steps ({warmup}) for 'cosine'")
-        decay = optax.cosine_decay_schedule(lr, total - warmup, alpha=float(cfg.get("min_lr_ratio", 0.0)))
+        total, alpha = int(cfg.get("decay_steps", 0)), float(cfg.get("min_lr_ratio", 0.0))
+        if total < max(warmup, 1):
+            raise ConfigError(f"optim.decay_steps ({total}) must be >= 1 and >= optim.warmup_steps ({warmup}) for "
+                              "'cosine'")
+        # A schedule no longer than its warmup (a 1-step run of configs/vlm.py) ends there, at its final rate.
+        decay = (optax.cosine_decay_schedule(lr, total - warmup, alpha=alpha) if total > warmup
+                 else optax.constant_schedule(lr * alpha))
     else:
         raise ConfigError(f"optim.schedule must be 'constant' or 'cosine', got {kind!r}")
     if warmup <= 0:

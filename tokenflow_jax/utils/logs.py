@@ -16,6 +16,8 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
+from tokenflow_jax.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,9 +31,26 @@ def local_logdir(workdir: str) -> str:
     return os.path.join(root, workdir.split("://", 1)[1])
 
 
+def check_workdir(workdir: str) -> None:
+    """A ConfigError naming ``workdir`` when it, or the nearest folder above it that exists, is a file: a run must
+    be able to create it (or use it) as a folder. Creates nothing."""
+    path = epath.Path(workdir)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+                raise ConfigError(f"--workdir {workdir} {where}; give a folder (new or an earlier run's)")
+            return
+
+
 def make_workdir(workdir: str) -> None:
-    """Creates the workdir, local or remote (``gs://...`` through ``etils.epath``, the path library orbax uses)."""
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    """Creates the workdir, local or remote (``gs://...`` through ``etils.epath``, the path library orbax uses);
+    a ConfigError naming it when it cannot be (:func:`check_workdir`, no permission)."""
+    check_workdir(workdir)
+    try:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
+        raise ConfigError(f"--workdir {workdir} cannot be created: {e.strerror or e}") from e
 
 
 class MetricsWriter:

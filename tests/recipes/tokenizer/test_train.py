@@ -14,6 +14,7 @@ from tokenflow_jax import checkpoint
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.data import pipeline
 from tokenflow_jax.recipes.tokenizer import train as trainer
+from tokenflow_jax.train import loop
 
 # One device unless a test is about sharding: faster, and no XLA:CPU collectives (see conftest).
 SMALL = [
@@ -97,7 +98,9 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
     interrupted = str(tmp_path / "interrupted")
     make_dataset = pipeline.make_dataset
     monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: SigtermAt(iter(make_dataset(*a, **k)), at=3))
-    trainer.train(small_config(*steps), interrupted)  # stops cleanly after step 3
+    with pytest.raises(loop.Stopped) as stopped:  # stops cleanly after step 3, unfinished: exit status 143
+        trainer.train(small_config(*steps), interrupted)
+    assert (stopped.value.step, stopped.value.exit_code) == (3, 143)
     monkeypatch.setattr(pipeline, "make_dataset", make_dataset)
     assert checkpoint.latest_step(os.path.join(interrupted, "checkpoints")) == 3
     assert [m["step"] for m in read_metrics(interrupted)] == [1, 2, 3]

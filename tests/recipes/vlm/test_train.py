@@ -9,6 +9,7 @@ import pytest
 from tests.recipes.t2i.test_train import read_metrics, restored_params
 from tokenflow_jax import cli
 from tokenflow_jax import config as config_lib
+from tokenflow_jax.errors import DataError
 from tokenflow_jax.recipes.vlm import evaluate as vqa_eval
 from tokenflow_jax.recipes.vlm import setup as vlm_setup
 from tokenflow_jax.recipes.vlm import train as vlm_trainer
@@ -122,3 +123,21 @@ def test_chat_and_eval_vqa_commands_on_a_checkpoint(tmp_path, capsys):
     assert streamed == batched[0]
     # Missing checkpoint: a clear error.
     assert cli.main(["eval-vqa", "--config", "configs/vlm.py:tiny", "--checkpoint", str(tmp_path / "none")]) == 2
+
+
+def test_a_prompt_longer_than_the_model_positions_is_one_error_naming_the_lengths():
+    """Checked before anything is encoded or compiled (the KV cache would otherwise fail inside the model)."""
+    from types import SimpleNamespace
+
+    from tokenflow_jax.recipes.vlm.answer import VqaModel
+
+    config = config_lib.load_config("configs/vlm.py:tiny")
+    model = SimpleNamespace(config=SimpleNamespace(num_image_tokens=64, llm=SimpleNamespace(max_positions=256)))
+    vqa = VqaModel(config, model, None, None, None, vlm_setup.text_tokenizer(config),
+                   SimpleNamespace(max_new_tokens=16), None, 64, None)
+    ids, _ = vqa.prompts(["How many circles are there?"])
+    assert 64 < ids.shape[1] <= 256 - 16
+    with pytest.raises(DataError, match=r"the prompt is \d+ tokens, 64 of them the image's; with "
+                                        r"config.generate.max_new_tokens=16 it needs \d+ positions, more than "
+                                        r"config.model.llm.max_positions=256"):
+        vqa.prompts(["How many circles are there? " * 40])

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from tokenflow_jax import checkpoint, parallel
 from tokenflow_jax.data import conversation, llava
 from tokenflow_jax.data import images as image_io
+from tokenflow_jax.errors import DataError
 from tokenflow_jax.models import vlm
 from tokenflow_jax.models.vlm_generate import AnswerDecoder
 from tokenflow_jax.recipes.vlm import setup as vlm_setup
@@ -90,6 +91,14 @@ class VqaModel:
             q, self.tokenizer, self.config.text.template, num_image_tokens=self.model.config.num_image_tokens))
             for q in questions]
         length = max(len(r) for r in rows)
+        # The KV cache holds the padded prompt and the answer; past max_positions the model has no positions.
+        limit, new_tokens = int(self.model.config.llm.max_positions), self.generator.max_new_tokens
+        if length + new_tokens > limit:
+            which = "" if len(rows) == 1 else f" (question {int(np.argmax([len(r) for r in rows]))})"
+            raise DataError(f"the prompt{which} is {length} tokens, {self.model.config.num_image_tokens} of them the "
+                            f"image's; with config.generate.max_new_tokens={new_tokens} it needs {length + new_tokens} "
+                            f"positions, more than config.model.llm.max_positions={limit}: shorten the question or "
+                            "lower config.generate.max_new_tokens")
         ids = np.full((len(rows), length), int(self.tokenizer.pad_token_id), np.int32)
         mask = np.zeros((len(rows), length), np.int32)
         for b, r in enumerate(rows):
