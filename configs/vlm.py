@@ -91,8 +91,10 @@ def get_config(arg=None):
     config.tokenizer = config_lib.ConfigDict(dict(config=tokenizer, overrides=[], checkpoint=""))
     config.text = config_lib.ConfigDict(text)
 
-    # source: shapes_vqa (built in) | llava (JSONL / JSON list at data.path, images under data.image_root)
-    config.data = config_lib.ConfigDict(dict(path="", image_root="", num_workers=0, **data))
+    # source: shapes_vqa (built in) | llava (JSONL / JSON list at data.path, images under data.image_root; paths
+    # that leave image_root are refused). skip_budget: unusable records tolerated per batch element while looking
+    # for a usable one (tokenflow_jax/data/replacement.py).
+    config.data = config_lib.ConfigDict(dict(path="", image_root="", num_workers=0, skip_budget=4.0, **data))
     steps = int(train["num_steps"])
     lr = {0: 1e-3, 1: 1e-3, 2: 2e-5}[stage]
     # Adam, cosine to 0 after 3% linear warmup, no weight decay, clip 1.0 (`i2t/scripts/v1_5/train.sh`).
