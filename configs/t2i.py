@@ -89,6 +89,9 @@ def get_config(arg=None):
     config.data = config_lib.ConfigDict(dict(
         source="shapes", num_examples=100_000, path="", split="train", num_workers=0,
         tokenized="",  # ArrayRecord shards from `tokenflow-jax tokenize`; empty = tokenise online
+        # Online only: crop 'adm' | 'center' ('' = center for shapes, adm otherwise); skip_budget = unusable
+        # images tolerated per batch element while looking for a usable one (tokenflow_jax/data/replacement.py).
+        crop="", skip_budget=4.0,
     ))
     # AdamW lr 5e-4, wd 0.1, constant after warmup, clip 0.5 (ByteFlow-AI/TokenFlow `t2i/scripts/train_t2i.sh`);
     # captions dropped at 10% for CFG (`cond_drop_rate` in the ByteFlow-AI/TokenFlow-t2i hub config).

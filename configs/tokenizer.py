@@ -118,10 +118,12 @@ def get_config(arg=None):
     config.teacher = config_lib.ConfigDict(teacher)
 
     # Data: the built-in procedural shapes set by default; 'folder', 'tfds' (e.g. imagenet2012) or
-    # 'array_record' for real data (see tokenflow_jax/data/pipeline.py).
+    # 'array_record' for real data (see tokenflow_jax/data/pipeline.py). crop: 'adm' (random-resized, the
+    # reference's) or 'center'; '' = center for shapes, adm otherwise. skip_budget: unusable images tolerated per
+    # batch element while looking for a usable one (tokenflow_jax/data/replacement.py).
     config.data = config_lib.ConfigDict(dict(
         source="shapes", num_examples=100_000, path="", name="", split="train", data_dir="",
-        image_size=m.image_size, num_workers=0,
+        image_size=m.image_size, num_workers=0, crop="", skip_budget=4.0,
     ))
     # The reference's weights for b / xl (all 1, GAN 0.5 from step 20,000: `tokenflow/tokenizer/vq_loss.py`,
     # `tokenflow/tokenizer/vq_train.py`). tiny: LPIPS and the semantic teacher at 0.1 so that the pixel loss

@@ -51,9 +51,11 @@ def get_config(arg=None):
         m.llm = llm(128, 4, 4, 2, 352, 0, qk_norm=True, block_order="pre_norm", max_positions=256)
         m.text_length = 24
         text = dict(tokenizer="builtin:shapes_chat", template="vicuna_v1", uncond_prompt="")
-        t2i_data = dict(source="shapes", num_examples=100_000, path="", split="train", tokenized="")
+        t2i_data = dict(source="shapes", num_examples=100_000, path="", split="train", tokenized="", crop="",
+                        skip_budget=4.0)
         vlm_data = dict(source="shapes_vqa", num_examples=100_000, max_length=128, aspect="square", path="",
-                        image_root="", kinds=("count", "colour", "shape", "position", "exists", "caption"))
+                        image_root="", kinds=("count", "colour", "shape", "position", "exists", "caption"),
+                        skip_budget=4.0)
         # The demo's separate models see 900 x 16 captioned images and 800 x 32 conversations; 900 steps of
         # 16 + 28 see 14,400 and 25,200.
         train = dict(t2i_batch_size=16, vlm_batch_size=28, num_steps=900, warmup_steps=100, log_every=25,
@@ -77,9 +79,10 @@ def get_config(arg=None):
         m.llm.remat = "full"
         m.text_length = 131
         text = dict(tokenizer=init, template=template, uncond_prompt=NEGATIVE_PROMPT)
-        t2i_data = dict(source="folder", num_examples=0, path="", split="train", tokenized="")
+        t2i_data = dict(source="folder", num_examples=0, path="", split="train", tokenized="", crop="",
+                        skip_budget=4.0)
         vlm_data = dict(source="llava", num_examples=0, max_length=2048, aspect="pad", path="", image_root="",
-                        kinds=())
+                        kinds=(), skip_budget=4.0)
         train = dict(t2i_batch_size=128, vlm_batch_size=128, num_steps=100_000, warmup_steps=2000, log_every=50,
                      checkpoint_every=1000, length_buckets=(512, 1024, 1536, 2048))
         sample = dict(cfg_scale=7.5, top_k=(1200, 100, 1), top_p=(0.8, 0.8, 0.0))
@@ -95,6 +98,8 @@ def get_config(arg=None):
     m.init_checkpoints = ()
     config.tokenizer = config_lib.ConfigDict(dict(config=tokenizer, overrides=[], checkpoint=""))
     config.text = config_lib.ConfigDict(dict(image_marker="<img>", **text))
+    # skip_budget (each stream): unusable records tolerated per batch element while looking for a usable one
+    # (tokenflow_jax/data/replacement.py); t2i crop: 'adm' | 'center' ('' = center for shapes, adm otherwise).
     config.data = config_lib.ConfigDict(dict(t2i=t2i_data, vlm=vlm_data, num_workers=0))
     config.loss = config_lib.ConfigDict(dict(t2i_weight=1.0, vlm_weight=1.0))
     config.optim = config_lib.ConfigDict(dict(lr=lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,

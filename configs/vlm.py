@@ -89,8 +89,10 @@ def get_config(arg=None):
     config.tokenizer = config_lib.ConfigDict(dict(config=tokenizer, overrides=[], checkpoint=""))
     config.text = config_lib.ConfigDict(text)
 
-    # source: shapes_vqa (built in) | llava (JSONL / JSON list at data.path, images under data.image_root)
-    config.data = config_lib.ConfigDict(dict(path="", image_root="", num_workers=0, **data))
+    # source: shapes_vqa (built in) | llava (JSONL / JSON list at data.path, images under data.image_root; paths
+    # that leave image_root are refused). skip_budget: unusable records tolerated per batch element while looking
+    # for a usable one (tokenflow_jax/data/replacement.py).
+    config.data = config_lib.ConfigDict(dict(path="", image_root="", num_workers=0, skip_budget=4.0, **data))
     config.train = config_lib.ConfigDict(dict(
         trainable=("^projector/",) if stage == 1 else (),  # regexes; empty = everything
         frozen=(),

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests.data.helpers import png_bytes
 from tokenflow_jax.data import conversation as conv
-from tokenflow_jax.data import llava, text
+from tokenflow_jax.data import llava, replacement, text
 from tokenflow_jax.shapes import vqa as shapes_vqa
 
 SIZE, TOKENS, MAX_LEN = 16, 4, 64
@@ -84,8 +84,13 @@ def test_bad_records_are_replaced_and_counted(jsonl, tok):
     source = llava.LlavaJsonlSource(path, image_root=root)
     assert len(source) == 10
     (batch,) = list(_dataset(source, tok))
-    # Each bad record is replaced by the next good one of the shard; its reason rides on the replacement.
-    assert batch["index"].tolist() == [0, 2, 2, 6, 6, 6, 6, 7, 9, 9]
+    # Each bad record is replaced by the first good one of its probes (the next record, then pseudo-random ones:
+    # data/replacement.py); its reason rides on the replacement.
+    good = {i for i, (_, reason) in enumerate(_records()) if reason is None}
+    expected_index = [i if i in good else next(j for j in replacement.probe_indices(i, 10, 40) if j in good)
+                      for i in range(10)]
+    assert batch["index"].tolist() == expected_index
+    assert expected_index[:3] == [0, 2, 2] and expected_index[8:] == [9, 9]  # the successor, when it is good
     assert batch["skip_reason"].tolist() == ["", "image_missing", "", "image_corrupt", "no_image_placeholder",
                                              "empty_reply", "", "", "bad_record", ""]
     assert batch["skipped/image_missing"].tolist() == [0, 1] + [0] * 8  # per-element fields the batch sums
@@ -93,8 +98,10 @@ def test_bad_records_are_replaced_and_counted(jsonl, tok):
     expected = collections.Counter(reason for _, reason in _records() if reason)
     for reason in llava.SKIP_REASONS:
         assert stats[f"data/skipped/{reason}"] == expected[reason], reason
-    assert stats["data/skipped"] == 5 and stats["data/valid"] == 10 and stats["data/truncated"] == 1
-    assert stats["data/has_image"] == 6 and stats["data/tokens"] == int(batch["length"].sum())
+    assert stats["data/skipped"] == 5 and stats["data/valid"] == 10
+    assert stats["data/truncated"] == expected_index.count(7)  # the over-long record, wherever it stands in
+    assert stats["data/has_image"] == sum(i != 6 for i in expected_index)  # 6: the text-only record
+    assert stats["data/tokens"] == int(batch["length"].sum())
     assert batch["truncated"].tolist() == [i == 7 for i in batch["index"]]
     assert batch["input_ids"].shape == batch["labels"].shape == (10, MAX_LEN)
     assert batch["image"].shape == (10, SIZE, SIZE, 3) and batch["image"].dtype == np.float32

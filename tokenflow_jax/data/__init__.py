@@ -6,8 +6,10 @@
   token_shards.py  the image-token shard format (manifest, TokenizedSource) `tokenize` writes, t2i reads
   transforms.py    ADM random-resized crop, centre crop, flip, normalise
   decode.py        robust decoding: convert what can be converted, replace/flag and count the rest
+  replacement.py   which record replaces an unusable one in training (skip_budget), the check before training
+  paths.py         paths named in data files stay under their root (absolute and '..' paths refused)
   steps.py         the pipeline's picklable grain steps
-  pipeline.py      make_dataset(config.data, ...), to_global_batch, image_stats
+  pipeline.py      make_dataset(config.data, ...), to_global_batch, image_stats, count_images, preview_images
   text.py          text tokenizers (builtin:shapes, builtin:shapes_chat, AutoTokenizer; sentencepiece for Llama
                    prompts) and the t2i prefix (PromptEncoder)
   conversation.py  chat templates and label masks; llava.py: LLaVA JSONL records

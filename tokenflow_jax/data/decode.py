@@ -2,10 +2,10 @@
 
 Convertible inputs (greyscale, palette, alpha, CMYK, 16-bit, smaller than the crop) become RGB and are
 flagged in ``converted``; undecodable ones (empty, not an image, truncated, unreadable, malformed array)
-are *replaced* in training by the next good record of the shard (index + 1, + 2, ...) and flagged in
-``skipped``, or in evaluation kept as an invalid element (``valid=False``) so the count of evaluated
-images stays exact. Replacement is a pure function of the index, so the pipeline stays deterministic
-and resumable, and the batch size never changes.
+are *replaced* in training by another record (``data/replacement.py``: the next one, pseudo-random ones of
+the shard, then images found usable before training) and flagged in ``skipped``, or in evaluation kept as an
+invalid element (``valid=False``) so the count of evaluated images stays exact. Replacement is a pure
+function of the index, so the pipeline stays deterministic and resumable, and the batch size never changes.
 
 The counts travel with the elements (per-element one-hot vectors that batches sum), because grain's
 worker processes cannot share a counter with the trainer.
@@ -34,7 +34,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from tokenflow_jax.data import images
+from tokenflow_jax.data import images, replacement
 from tokenflow_jax.errors import DataError
 
 SKIP_REASONS: tuple[str, ...] = ("empty", "not_image", "corrupt", "unreadable", "bad_array", "other")
@@ -194,21 +194,49 @@ def _log_bad(index: int, error: BaseException) -> None:
         logger.warning("skipping bad record at shard index %d: %s%s", index, error, suffix)
 
 
+def _decode_at(dataset, index: int, image_size: int
+               ) -> tuple[dict[str, Any] | None, BaseException | None, Mapping[str, Any] | None]:
+    """(decoded record, None, source record) or (None, error, source record if it could be read)."""
+    record = None
+    try:
+        record = dataset[index]
+        if record is None:
+            raise BadRecord("other", "the source returned None")
+        return decode_record(record, image_size), None, record
+    except Exception as e:  # any failure of one record must not end the run: count it instead
+        return None, e, record
+
+
+def survey(source_dataset, image_size: int, *, what: str) -> replacement.Survey:
+    """:func:`replacement.survey` of a MapDataset of source records (the whole source, indexed): which sampled
+    images decode. Raises DataError naming ``what`` when none does."""
+
+    def check(index: int) -> str | None:
+        _, error, _ = _decode_at(source_dataset, index, image_size)
+        return None if error is None else skip_reason(error)
+
+    return replacement.survey(check, len(source_dataset), what=what, noun="image",
+                              hint="check config.data.path / config.data.source")
+
+
 class DecodeImages(grain.MapDataset):
     """Decodes every element of ``parent`` (source records); see the module docstring.
 
     Args:
       parent: a MapDataset of source records (with an ``index`` field, see ``pipeline.AttachIndex``).
       image_size: the crop size, only to flag images that will be upscaled.
-      replace_bad: True (training): a bad element is replaced by the next good one of ``parent``; False
+      replace_bad: True (training): a bad element is replaced as ``data/replacement.py`` says; False
         (evaluation): it becomes :func:`invalid_record`.
-      max_tries: consecutive bad records after which training stops with an error: that many in a row
-        means a broken dataset (wrong path, wrong feature key), not a few bad files.
+      budget: shard records probed for a replacement (``replacement.probe_budget``).
+      source, pool: the whole indexed source (a MapDataset) and the indices of records in it that
+        :func:`survey` found usable: the replacements of last resort.
     """
 
-    def __init__(self, parent: grain.MapDataset, *, image_size: int, replace_bad: bool, max_tries: int = 32):
+    def __init__(self, parent: grain.MapDataset, *, image_size: int, replace_bad: bool, budget: int = 32,
+                 source: grain.MapDataset | None = None, pool: tuple[int, ...] = ()):
         super().__init__(parent)
-        self._image_size, self._replace_bad, self._max_tries = image_size, replace_bad, max_tries
+        self._image_size, self._replace_bad, self._budget = image_size, replace_bad, budget
+        self._source, self._pool = source, tuple(pool) if source is not None else ()
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -216,36 +244,26 @@ class DecodeImages(grain.MapDataset):
     def __str__(self) -> str:
         return f"DecodeImages(image_size={self._image_size}, replace_bad={self._replace_bad})"
 
-    def _try(self, index: int) -> tuple[dict[str, Any] | None, BaseException | None, Mapping[str, Any] | None]:
-        """(decoded record, None, source record) or (None, error, source record if it could be read)."""
-        record = None
-        try:
-            record = self._parent[index]
-            if record is None:
-                raise BadRecord("other", "the source returned None")
-            return decode_record(record, self._image_size), None, record
-        except Exception as e:  # any failure of one record must not end the run: count it instead
-            return None, e, record
+    def _try_shard(self, index: int) -> tuple[dict[str, Any] | None, BaseException | None]:
+        return _decode_at(self._parent, index, self._image_size)[:2]
+
+    def _try_source(self, index: int) -> tuple[dict[str, Any] | None, BaseException | None]:
+        return _decode_at(self._source, index, self._image_size)[:2]
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        decoded, error, record = self._try(index)
+        index %= len(self._parent)  # parents take indices modulo their length; the probes need it in range
+        decoded, error, record = _decode_at(self._parent, index, self._image_size)
         if error is None:
             return decoded
-        _log_bad(index % len(self._parent), error)
+        _log_bad(index, error)
         reason = skip_reason(error)
         if not self._replace_bad:
             return invalid_record(record, reason)
-        errors = [error]
-        # Parents take indices modulo their length, so index + k wraps around the shard.
-        for offset in range(1, min(self._max_tries, len(self._parent))):
-            decoded, next_error, _ = self._try(index + offset)
-            if next_error is None:
-                decoded["skipped"], decoded["bad_images"] = skip_flags(reason), np.int32(1)
-                return decoded
-            errors.append(next_error)
-        raise DataError(
-            f"{len(errors)} consecutive records from shard index {index} are unusable (wrong path or feature "
-            f"key?); the last ones: " + "; ".join(str(e) for e in errors[-3:])
-        ) from errors[-1]
+        decoded, errors = replacement.find_replacement(index, len(self._parent), self._budget, self._pool,
+                                                       self._try_shard, self._try_source)
+        if decoded is None:
+            raise replacement.out_of_candidates(index, self._budget, self._pool, [error] + errors, "images")
+        decoded["skipped"], decoded["bad_images"] = skip_flags(reason), np.int32(1)
+        return decoded

@@ -9,14 +9,15 @@
 
 Training::
 
-    source -> index -> [process_index::process_count] -> encode (bad -> next good record of the shard)
+    source -> index -> [process_index::process_count] -> encode (bad -> another, see replacement.py)
       -> shuffle(seed) -> repeat(num_epochs) -> [pad to the same number of batches on every process]
       -> batch(global / processes) -> threads
 
 As in the image pipeline (``data/decode.py``), a record that cannot be used (missing or broken image, no
-"<image>", empty reply, image cut by ``max_length``, bad JSON, ...) is replaced by the next good record of
-the shard and its reason travels with the replacement (``skipped/<reason>`` = 1): grain's workers cannot
-share a counter with the trainer, and the batch shape never changes. Every element is a pure function of
+"<image>", empty reply, image cut by ``max_length``, bad JSON, an image path outside ``image_root``, ...) is
+replaced by another record (``data/replacement.py``) and its reason travels with the replacement
+(``skipped/<reason>`` = 1): grain's workers cannot share a counter with the trainer, and the batch shape never
+changes. Every element is a pure function of
 (seed, process_index, process_count, its position), so the iterator state resumes bit for bit.
 
 A batch (numpy, this process's B rows; M = max_length, S = image_size)::
@@ -53,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from tokenflow_jax.data import conversation, decode, images
+from tokenflow_jax.data import conversation, decode, images, paths, replacement
 from tokenflow_jax.data.pipeline import local_batch_size, stream_seeds
 from tokenflow_jax.data.steps import AttachIndex
 from tokenflow_jax.errors import ConfigError, DataError, InputNotFoundError
@@ -62,7 +63,7 @@ ASPECTS = ("pad", "square")
 PAD_COLOUR = (127, 127, 127)  # int(255 * SigLIP's mean 0.5), what LLaVA pads with
 SKIP_REASONS: tuple[str, ...] = (
     conversation.SKIP_REASONS
-    + ("image_missing",) + tuple(f"image_{r}" for r in decode.SKIP_REASONS)
+    + ("image_missing", "image_outside_root") + tuple(f"image_{r}" for r in decode.SKIP_REASONS)
     + ("bad_record",)  # unparsable line, several images, a source error
 )
 _NO_IMAGE = ("", "none", "nan")  # Cambrian writes these for text-only records
@@ -97,7 +98,8 @@ class LlavaJsonlSource:
     Record: the parsed line with ``id`` (str; the line number if absent) and ``image`` resolved to a path
     under ``image_root`` (default: the file's folder), or None for a text-only record (no ``image``, or
     '', 'None', 'nan'); a list of several images stays a list (skipped later: one image per record).
-    ``image_file`` keeps the value as written.
+    ``image_file`` keeps the value as written. A record whose image path is absolute or climbs out of
+    ``image_root`` raises ``paths.OutsideRootError`` (``data/paths.py``): nothing outside the root is opened.
     """
 
     def __init__(self, path: str, image_root: str | None = None):
@@ -143,13 +145,17 @@ class LlavaJsonlSource:
         return os.pread(self._fd, end - start, start)
 
     def resolve_image(self, value: Any) -> str | list[str] | None:
-        """The ``image`` of a line -> an absolute path, a list of them, or None (text-only)."""
+        """The ``image`` of a line -> an absolute path under ``image_root``, a list of them, or None (text-only).
+
+        Raises:
+          paths.OutsideRootError: an absolute path or a '..' escape (counted as ``image_outside_root``).
+        """
         if value is None or (isinstance(value, str) and value.strip().lower() in _NO_IMAGE):
             return None
         if isinstance(value, (list, tuple)):
-            paths = [os.path.join(self.image_root, str(v)) for v in value]
-            return paths[0] if len(paths) == 1 else paths
-        return os.path.join(self.image_root, str(value))
+            resolved = [paths.resolve_under(self.image_root, str(v)) for v in value]
+            return resolved[0] if len(resolved) == 1 else resolved
+        return paths.resolve_under(self.image_root, str(value))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
@@ -215,6 +221,8 @@ def skip_reason(error: BaseException) -> str:
     """A failure while encoding a record -> one of :data:`SKIP_REASONS`."""
     if isinstance(error, conversation.ConversationError):
         return error.reason
+    if isinstance(error, paths.OutsideRootError):
+        return "image_outside_root"
     if isinstance(error, images.ImageReadError) and error.reason == "no such file":
         return "image_missing"
     if isinstance(error, (images.ImageReadError, decode.BadRecord)):
@@ -304,15 +312,38 @@ def _log_bad(index: int, error: BaseException) -> None:
         logger.warning("skipping LLaVA record at shard index %d: %s%s", index, error, suffix)
 
 
+def _encode_at(dataset, encoder: VlmExampleEncoder, index: int):
+    """(example, None, record) or (None, error, record if it could be read)."""
+    record = None
+    try:
+        record = dataset[index]
+        return encoder(record), None, record
+    except Exception as e:  # one record's failure must not end the run: count it instead
+        return None, e, record
+
+
+def survey(source_dataset, encoder: VlmExampleEncoder, *, what: str) -> replacement.Survey:
+    """:func:`replacement.survey` of a MapDataset of LLaVA records (the whole source, indexed): which sampled
+    records encode. Raises DataError naming ``what`` when none does."""
+
+    def check(index: int) -> str | None:
+        _, error, _ = _encode_at(source_dataset, encoder, index)
+        return None if error is None else skip_reason(error)
+
+    return replacement.survey(check, len(source_dataset), what=what, noun="record",
+                              hint="check config.data.image_root, config.text.template and config.data.max_length")
+
+
 class EncodeVlmRecords(grain.MapDataset):
-    """Encodes every record of ``parent``; a bad one is replaced by the next good one of ``parent``
-    (``replace_bad``, training) or kept as ``encoder.invalid`` (evaluation). ``max_tries`` bad records in a
-    row stop the run: that means a broken dataset (wrong image root, wrong template), not a few bad files."""
+    """Encodes every record of ``parent``; a bad one is replaced as ``data/replacement.py`` says (``replace_bad``,
+    training: up to ``budget`` probes of ``parent``, then the records of ``source`` at the indices ``pool`` that
+    :func:`survey` found usable) or kept as ``encoder.invalid`` (evaluation)."""
 
     def __init__(self, parent: grain.MapDataset, encoder: VlmExampleEncoder, *, replace_bad: bool = True,
-                 max_tries: int = 32):
+                 budget: int = 32, source: grain.MapDataset | None = None, pool: tuple[int, ...] = ()):
         super().__init__(parent)
-        self._encoder, self._replace_bad, self._max_tries = encoder, replace_bad, max_tries
+        self._encoder, self._replace_bad, self._budget = encoder, replace_bad, budget
+        self._source, self._pool = source, tuple(pool) if source is not None else ()
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -320,36 +351,29 @@ class EncodeVlmRecords(grain.MapDataset):
     def __str__(self) -> str:
         return f"EncodeVlmRecords(template={self._encoder.template!r}, replace_bad={self._replace_bad})"
 
-    def _try(self, index: int):
-        """(example, None, record) or (None, error, record if it could be read)."""
-        record = None
-        try:
-            record = self._parent[index]
-            return self._encoder(record), None, record
-        except Exception as e:  # one record's failure must not end the run: count it instead
-            return None, e, record
+    def _try_shard(self, index: int):
+        return _encode_at(self._parent, self._encoder, index)[:2]
+
+    def _try_source(self, index: int):
+        return _encode_at(self._source, self._encoder, index)[:2]
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        example, error, record = self._try(index)
+        index %= len(self._parent)  # parents wrap indices around; the probes need it in range
+        example, error, record = _encode_at(self._parent, self._encoder, index)
         if error is None:
             return example
-        _log_bad(index % len(self._parent), error)
+        _log_bad(index, error)
         reason = skip_reason(error)
         if not self._replace_bad:
             return self._encoder.invalid(record, reason)
-        errors = [error]
-        for offset in range(1, min(self._max_tries, len(self._parent))):  # parents wrap indices around
-            example, next_error, _ = self._try(index + offset)
-            if next_error is None:
-                example.update(skip_fields(reason))
-                return example
-            errors.append(next_error)
-        raise DataError(
-            f"{len(errors)} consecutive LLaVA records from shard index {index} are unusable (wrong image_root, "
-            "template or max_length?); the last ones: " + "; ".join(str(e) for e in errors[-3:])
-        ) from errors[-1]
+        example, errors = replacement.find_replacement(index, len(self._parent), self._budget, self._pool,
+                                                       self._try_shard, self._try_source)
+        if example is None:
+            raise replacement.out_of_candidates(index, self._budget, self._pool, [error] + errors, "LLaVA records")
+        example.update(skip_fields(reason))
+        return example
 
 
 class PadWithInvalid(grain.MapDataset):
@@ -388,7 +412,7 @@ def build_vlm_dataset(
     shuffle: bool = True,
     num_epochs: int | None = None,
     replace_bad: bool = True,
-    max_bad_tries: int = 32,
+    skip_budget: float = replacement.DEFAULT_SKIP_BUDGET,
     num_threads: int = 4,
     prefetch_batches: int = 4,
     num_workers: int = 0,
@@ -398,6 +422,10 @@ def build_vlm_dataset(
     ``num_epochs=None`` repeats forever; a number gives that many passes, the last batch padded with
     ``valid=False`` elements and every process given the same number of batches (collective train steps
     must not wait on a process that ran out). ``iter()`` of the result is the checkpointable iterator.
+
+    With ``replace_bad`` a fixed sample of ``source`` is checked first (DataError when no record in it is
+    usable) and a bad record is replaced after up to ``skip_budget`` x (per-process batch) probes
+    (``data/replacement.py``).
     """
     # Lazy: pipeline pulls in jax and flax, which grain's worker processes (they import this module to
     # unpickle the steps above) do not need.
@@ -408,11 +436,19 @@ def build_vlm_dataset(
     encoder = VlmExampleEncoder(tokenizer, template, num_image_tokens=num_image_tokens, max_length=max_length,
                                 image_size=image_size, aspect=aspect)
     num_records = len(source)
-    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(num_records))
-    ds = ds[process_index::process_count]  # each process reads only its shard
+    full = grain.MapDataset.source(source).map_with_index(AttachIndex(num_records))
+    ds = full[process_index::process_count]  # each process reads only its shard
     if len(ds) == 0:
         raise DataError(f"{source!r} has {num_records} records: too few for {process_count} processes")
-    ds = EncodeVlmRecords(ds, encoder, replace_bad=replace_bad, max_tries=max_bad_tries)
+    if replace_bad:
+        budget = replacement.probe_budget(skip_budget, batch)
+        where = replacement.describe_source(source)
+        if isinstance(root := getattr(source, "image_root", None), str):
+            where += f" (images under {root})"
+        usable = survey(full, encoder, what=where)
+        ds = EncodeVlmRecords(ds, encoder, replace_bad=True, budget=budget, source=full, pool=usable.usable)
+    else:
+        ds = EncodeVlmRecords(ds, encoder, replace_bad=False)
     if shuffle:
         ds = ds.shuffle(seed=stream_seeds(seed, process_index)[0])
     if num_epochs is None:

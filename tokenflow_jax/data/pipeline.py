@@ -2,7 +2,7 @@
 
 Training::
 
-    source -> index -> [process_index::process_count] -> decode (bad -> next good) -> shuffle(seed)
+    source -> index -> [process_index::process_count] -> decode (bad -> another, see replacement.py) -> shuffle
       -> repeat -> random_map(ADM crop, flip, [-1, 1]) -> batch(global / processes, drop rest)
       -> threads -> worker processes (num_workers > 0)
 
@@ -27,7 +27,7 @@ Every element is a pure function of (seed, process_index, process_count, its pos
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import grain
@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tokenflow_jax import parallel
-from tokenflow_jax.data import decode
+from tokenflow_jax.data import decode, replacement, transforms
 from tokenflow_jax.data.array_record import ArrayRecordSource
 from tokenflow_jax.data.sources import ImageFolderSource, ShapesSource, TfdsSource
 from tokenflow_jax.data.steps import AttachIndex, EvalImage, PadToLength, TrainImage
@@ -83,13 +83,16 @@ def build_dataset(
     num_workers: int = 0,
     num_threads: int = 4,
     prefetch_batches: int = 4,
-    max_bad_tries: int = 32,
+    skip_budget: float = replacement.DEFAULT_SKIP_BUDGET,
 ) -> grain.IterDataset:
     """The pipeline of the module docstring over any random-access ``source``.
 
     Returns an IterDataset of batch dicts; ``iter(ds)`` gives an iterator with ``get_state``/``set_state``
     (close it with ``it.close()`` when ``num_workers > 0``: that stops the worker processes).
     Training is endless; evaluation yields ``num_eval_batches(len(source), ...)`` batches.
+
+    Training first surveys a fixed sample of ``source`` (``data/replacement.py``) and raises DataError when
+    no image in it decodes; a bad image is replaced after up to ``skip_budget`` x (per-process batch) probes.
     """
     batch = local_batch_size(global_batch_size, process_count)
     if not 0 <= process_index < process_count:
@@ -97,13 +100,16 @@ def build_dataset(
     if crop not in CROPS:
         raise ConfigError(f"config.data.crop={crop!r}; expected one of {CROPS}")
     num_records = len(source)
-    ds = grain.MapDataset.source(source).map_with_index(AttachIndex(num_records))
-    ds = ds[process_index::process_count]  # each process reads only its shard
+    full = grain.MapDataset.source(source).map_with_index(AttachIndex(num_records))
+    ds = full[process_index::process_count]  # each process reads only its shard
     if train:
         if len(ds) == 0:
             raise DataError(f"{source!r} has {num_records} records: too few for {process_count} processes")
+        budget = replacement.probe_budget(skip_budget, batch)
+        usable = decode.survey(full, image_size, what=replacement.describe_source(source))
         shuffle_seed, augment_seed = stream_seeds(seed, process_index)
-        ds = decode.DecodeImages(ds, image_size=image_size, replace_bad=True, max_tries=max_bad_tries)
+        ds = decode.DecodeImages(ds, image_size=image_size, replace_bad=True, budget=budget, source=full,
+                                 pool=usable.usable)
         ds = ds.shuffle(seed=shuffle_seed).repeat()
         ds = ds.random_map(TrainImage(image_size, crop, random_flip), seed=augment_seed)
     else:
@@ -168,7 +174,8 @@ def make_dataset(
     ``num_examples``/``shapes_seed`` (shapes); optional ``crop`` ('adm' | 'center', training only),
     ``random_flip`` (default True, False for shapes whose captions name left/right), ``num_workers``
     (0: threads only; the stream is the same for any number), ``num_threads`` (batches assembled in parallel
-    per process or worker), ``prefetch_batches``, ``max_bad_tries``.
+    per process or worker), ``prefetch_batches``, ``skip_budget`` (training: unusable records tolerated per batch
+    element while looking for a usable one, see ``data/replacement.py``; default 4).
     """
     if not config_data.get("image_size"):
         raise ConfigError("config.data.image_size must be set (the crop size in pixels)")
@@ -189,7 +196,7 @@ def make_dataset(
         num_workers=config_data.get("num_workers") or 0,
         num_threads=config_data.get("num_threads") or 4,
         prefetch_batches=config_data.get("prefetch_batches") or 4,
-        max_bad_tries=config_data.get("max_bad_tries") or 32,
+        skip_budget=config_data.get("skip_budget", replacement.DEFAULT_SKIP_BUDGET),
     )
 
 
@@ -237,3 +244,37 @@ def image_stats(batch: Mapping[str, Any], prefix: str = "data/") -> dict[str, An
     stats.update({f"{prefix}skipped/{r}": cast(skipped[i]) for i, r in enumerate(decode.SKIP_REASONS)})
     stats.update({f"{prefix}converted/{c}": cast(converted[i]) for i, c in enumerate(decode.CONVERSIONS)})
     return stats
+
+
+def count_images(counts: MutableMapping[str, float], batch: Mapping[str, Any]) -> None:
+    """Adds a process's batch to host-side counters (a trainer's ``LoopTail.counts``): ``bad_images`` (records
+    replaced), ``bad_images/<reason>`` for every reason of ``decode.SKIP_REASONS`` and ``converted_images/<kind>``
+    for every kind of ``decode.CONVERSIONS`` (zeros included, so every logged row has the same columns)."""
+    skipped = np.asarray(batch["skipped"]).sum(axis=0)
+    converted = np.asarray(batch["converted"]).sum(axis=0)
+    counts["bad_images"] = counts.get("bad_images", 0) + int(skipped.sum())
+    for i, reason in enumerate(decode.SKIP_REASONS):
+        counts[f"bad_images/{reason}"] = counts.get(f"bad_images/{reason}", 0) + int(skipped[i])
+    for i, kind in enumerate(decode.CONVERSIONS):
+        counts[f"converted_images/{kind}"] = counts.get(f"converted_images/{kind}", 0) + int(converted[i])
+
+
+def preview_images(config_data: Mapping[str, Any], count: int, max_records: int = 256) -> np.ndarray:
+    """A fixed set of training images for previews: float32 [n, S, S, 3] in [-1, 1], the first ``count`` images
+    of the training source (in source order, centre-cropped) that decode, n <= ``count``.
+
+    The same images on every process and after every resume, so preview grids of one run stay comparable.
+    At most ``max_records`` records are read (n < count when fewer of them decode).
+    """
+    source = make_source(config_data, train=True)
+    size = int(config_data["image_size"])
+    crops = []
+    for index in range(min(len(source), max_records)):
+        try:
+            record = decode.decode_record({**source[index], "index": index}, size)
+        except Exception:  # the training pipeline counts bad images; a preview just leaves them out
+            continue
+        crops.append(transforms.normalize(transforms.center_crop(record["image"], size)))
+        if len(crops) == count:
+            break
+    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.float32)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tokenflow_jax.data import paths as data_paths
 from tokenflow_jax.data.array_record import ArrayRecordSource
 from tokenflow_jax.errors import DataError, InputNotFoundError
 
@@ -67,7 +68,10 @@ def tokenized_source(directory: str) -> TokenizedSource:
     Records are not in source order (processes interleave); ``index`` says where each came from.
     """
     manifest = read_manifest(directory)
-    paths = [os.path.join(directory, shard["file"]) for shard in manifest["shards"]]
+    try:  # the manifest names its shards relative to its folder; nothing outside it is read
+        paths = [data_paths.resolve_under(directory, shard["file"]) for shard in manifest["shards"]]
+    except data_paths.OutsideRootError as e:
+        raise DataError(f"{directory}: {MANIFEST} lists a shard outside the folder: {e}") from None
     if missing := [p for p in paths if not os.path.isfile(p)]:
         raise InputNotFoundError(f"{directory}: {len(missing)} shard(s) listed in {MANIFEST} are missing, e.g. "
                                  f"{missing[0]}; re-run `tokenflow-jax tokenize` into this directory")

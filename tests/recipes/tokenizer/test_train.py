@@ -12,6 +12,7 @@ from PIL import Image
 
 from tokenflow_jax import checkpoint
 from tokenflow_jax import config as config_lib
+from tokenflow_jax.data import images as image_io
 from tokenflow_jax.data import pipeline
 from tokenflow_jax.recipes.tokenizer import train as trainer
 from tokenflow_jax.train import loop
@@ -125,21 +126,35 @@ def test_resume_on_a_different_mesh_shape(tmp_path):
 
 
 def test_a_folder_of_broken_images_does_not_stop_training(tmp_path):
+    # 8 files = one batch: each step is one epoch, so every step meets each bad file exactly once.
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(6):
+    for i in range(4):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"good_{i}.png")
     (folder / "empty.png").write_bytes(b"")
     (folder / "text.jpg").write_text("not an image")
     good = (folder / "good_0.png").read_bytes()
     (folder / "truncated.png").write_bytes(good[: len(good) // 2])
     Image.fromarray(rng.integers(0, 255, (10, 10), dtype=np.uint8)).save(folder / "tiny_grey.png")
-    config = small_config("data.source=folder", f"data.path={folder}", "train.num_steps=3")
-    trainer.train(config, str(tmp_path / "run"))
-    metrics = read_metrics(str(tmp_path / "run"))
-    assert len(metrics) == 3 and all(np.isfinite(m["loss"]) for m in metrics)
-    assert sum(m["bad_images"] for m in metrics) > 0
+    run = str(tmp_path / "run")
+    overrides = ("data.source=folder", f"data.path={folder}", "train.image_every=1")
+    trainer.train(small_config(*overrides, "train.num_steps=2"), run)
+    trainer.train(small_config(*overrides, "train.num_steps=3"), run)  # resumes at step 2
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
+    for m in metrics:  # per-reason counts of the step (log_every=1), exact since a step is an epoch
+        assert m["bad_images"] == 3
+        assert (m["bad_images/empty"], m["bad_images/not_image"], m["bad_images/corrupt"]) == (1, 1, 1)
+        assert m["bad_images/unreadable"] == 0
+        assert m["converted_images/grey"] >= 1 and m["converted_images/upscaled"] >= 1  # tiny_grey.png
+    # The preview grid shows the same images (the first usable ones: good_0..3) before and after the resume.
+    grids = [np.asarray(Image.open(os.path.join(run, "images", f"recon_{s:08d}.png"))) for s in (1, 2, 3)]
+    inputs = [g[: g.shape[0] // 2] for g in grids]  # top row: the inputs, bottom row: reconstructions
+    np.testing.assert_array_equal(inputs[0], inputs[1])
+    np.testing.assert_array_equal(inputs[0], inputs[2])
+    expected = pipeline.preview_images(small_config(*overrides).data, 4)
+    np.testing.assert_array_equal(inputs[0][2:34, 2:34], image_io.model_to_uint8(expected[0]))
 
 
 def test_wrong_teacher_width_is_a_clear_error(tmp_path):

@@ -112,8 +112,12 @@ def train(config, workdir: str) -> dict[str, float]:
                          scale_names=[f"scale_{s}" for s in model_cfg.scales])
     with tail, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(start, int(tc.num_steps)):
-            # tail.counts: dropped and truncated captions of this process, logged with the next metrics
-            batch = generation_batch(next(data_iter), prompt_encoder, float(tc.cond_drop_rate),
+            # tail.counts: dropped and truncated captions of this process, logged with the next metrics, and when
+            # tokenising online its replaced and converted images (pipeline.count_images)
+            local = next(data_iter)
+            if "skipped" in local:
+                pipeline.count_images(tail.counts, local)
+            batch = generation_batch(local, prompt_encoder, float(tc.cond_drop_rate),
                                      np.random.default_rng([config.seed, step, process]), tail.counts, mesh,
                                      encode, tok_vars)
             state, metrics = step_fn(state, codebook, batch)

@@ -117,7 +117,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
     # -------------------------------------------------------------------------------------- loop
     num_steps = int(tc.num_steps)
-    preview = None
+    preview = preview_batch(config, mesh) if tc.image_every else None
     tail = loop.LoopTail(config, workdir, ckpt, start, recipe="tokenizer", postfix=("loss", "psnr"),
                          scale_names=[f"scale_{s}" for s in config.quantizer.scales])
     with tail, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -125,21 +125,33 @@ def train(config, workdir: str) -> dict[str, float]:
             local = next(data_iter)
             # Data metrics stay on the host: an in-step reduction that only depends on the input can
             # run concurrently with the gradient all-reduces, which XLA:CPU's fake devices can deadlock on.
-            tail.counts["bad_images"] += int(np.sum(local["bad_images"]))  # this process's, since the last log
+            # bad_images, bad_images/<reason>, converted_images/<kind>: this process's, since the last log.
+            pipeline.count_images(tail.counts, local)
             batch = pipeline.to_global_batch(local, mesh, keys=("image",))
-            if preview is None:  # the global batch's first rows, on every process (multi-host safe)
-                preview = replicate(batch["image"][: tc.preview_images])
             state, metrics = step_fn(state, frozen, batch)
             done = step + 1
-            if tc.image_every and (done % tc.image_every == 0 or done == num_steps):
-                recon = np.asarray(replicate(recon_fn(state.variables(), preview)))
-                grid = image_utils.image_grid([image_io.model_to_uint8(np.asarray(preview)),
-                                               image_io.model_to_uint8(recon)])
+            if preview is not None and (done % tc.image_every == 0 or done == num_steps):
+                recon = np.asarray(replicate(recon_fn(state.variables(), preview[1])))
+                grid = image_utils.image_grid([image_io.model_to_uint8(preview[0]), image_io.model_to_uint8(recon)])
                 tail.writer.image(done, "reconstruction", grid,
                                   os.path.join(workdir, "images", f"recon_{done:08d}.png"))
             if tail.end_step(done, metrics, state.variables(), rest_of_state(state), data_iter):
                 break
     return tail.last
+
+
+def preview_batch(config, mesh) -> tuple[np.ndarray, jax.Array] | None:
+    """The preview grid's inputs, float32 [n, S, S, 3] in [-1, 1], on the host and replicated on ``mesh``: the
+    first ``config.train.preview_images`` usable training images in source order (``pipeline.preview_images``),
+    so every process and every resume shows the same ones. None (no grids) when none of them decodes."""
+    images = pipeline.preview_images(config.data, int(config.train.preview_images))
+    if not len(images):
+        logger.warning("no preview image could be read from the first records of the training data; "
+                       "reconstruction grids are not written")
+        return None
+    # Built from the same host array on every process: multi-host safe without a collective.
+    placed = jax.make_array_from_callback(images.shape, NamedSharding(mesh, PartitionSpec()), lambda i: images[i])
+    return images, placed
 
 
 @dataclasses.dataclass(frozen=True)

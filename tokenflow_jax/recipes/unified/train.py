@@ -112,7 +112,10 @@ def train(config, workdir: str) -> dict[str, float]:
                          postfix=("t2i_loss", "vlm_loss"))
     with tail, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step_index in range(start, int(tc.num_steps)):
-            gen = t2i_train.generation_batch(next(data_iter["t2i"]), prompt_encoder, float(tc.cond_drop_rate),
+            t2i_local = next(data_iter["t2i"])
+            if "skipped" in t2i_local:  # images tokenised online: replaced and converted ones, per reason
+                pipeline.count_images(tail.counts, t2i_local)
+            gen = t2i_train.generation_batch(t2i_local, prompt_encoder, float(tc.cond_drop_rate),
                                          np.random.default_rng([config.seed, step_index, process]), tail.counts,
                                          mesh, encode, tok_vars)
             local = next(data_iter["vlm"])

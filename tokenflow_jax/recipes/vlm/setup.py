@@ -17,7 +17,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from tokenflow_jax import checkpoint
-from tokenflow_jax.data import llava, pipeline
+from tokenflow_jax.data import llava, pipeline, replacement
 from tokenflow_jax.data import text as text_lib
 from tokenflow_jax.errors import CheckpointError, ConfigError
 from tokenflow_jax.models import transformer, vlm
@@ -109,7 +109,8 @@ def train_dataset(config, tok_config, tokenizer, num_image_tokens: int, global_b
         data_source(config, train=True), tokenizer=tokenizer, template=config.text.template,
         num_image_tokens=num_image_tokens, max_length=int(config.data.max_length),
         image_size=int(tok_config.model.image_size), aspect=config.data.aspect, global_batch_size=global_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed, shuffle=True)
+        process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed, shuffle=True,
+        skip_budget=config.data.get("skip_budget", replacement.DEFAULT_SKIP_BUDGET))
 
 
 def add_counts(counts: dict[str, float], batch: Mapping[str, Any]) -> None:
