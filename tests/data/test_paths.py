@@ -9,6 +9,7 @@ from PIL import Image
 
 from tokenflow_jax.data import images, llava, paths, text, token_shards
 from tokenflow_jax.errors import DataError
+from tokenflow_jax.recipes.vlm import evaluate as vqa_eval
 
 SIZE = 16
 INSIDE = (200, 30, 30)
@@ -83,3 +84,18 @@ def test_a_manifest_naming_a_shard_outside_its_folder_is_refused(tmp_path):
     (folder / token_shards.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="lists a shard outside the folder"):
         token_shards.tokenized_source(str(folder))
+
+
+def test_a_question_file_naming_an_image_outside_its_folder_is_refused(tmp_path):
+    folder = tmp_path / "questions"
+    folder.mkdir()
+    Image.new("RGB", (SIZE, SIZE), INSIDE).save(folder / "in.png")
+    Image.new("RGB", (SIZE, SIZE), OUTSIDE).save(tmp_path / "out.png")
+    good = {"image": "in.png", "question": "What colour?", "answer": "red"}
+    questions = folder / "q.jsonl"
+    questions.write_text(json.dumps(good) + "\n")
+    assert vqa_eval.file_questions(str(questions))[0]["image"][0, 0].tolist() == list(INSIDE)
+    for escape in ("../out.png", str(tmp_path / "out.png")):
+        questions.write_text(json.dumps(good) + "\n" + json.dumps({**good, "image": escape}) + "\n")
+        with pytest.raises(DataError, match=r"q\.jsonl:2: path .* is outside"):
+            vqa_eval.file_questions(str(questions))

@@ -5,7 +5,7 @@
     tokenflow-jax eval-vqa --checkpoint RUN/checkpoints --data questions.jsonl     # image, question, answer
 
 ``--data builtin`` draws the held-out Shapes-VQA questions (a seed stream disjoint from training); a JSONL
-file has one question per line: ``image`` (path, relative to the file's folder), ``question`` (or LLaVA
+file has one question per line: ``image`` (path, relative to the file's folder and inside it), ``question`` (or LLaVA
 ``conversations`` whose first human turn is the question), ``answer`` and optionally ``category``.
 Answers are generated in global batches of ``generate.batch_size`` sharded over the devices, normalised
 (lower case, punctuation and articles dropped, number words as digits) and compared exactly. Every
@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from tokenflow_jax.data import images as image_io
+from tokenflow_jax.data import paths
 from tokenflow_jax.errors import DataError, InputNotFoundError
 from tokenflow_jax.recipes.tokenizer import frozen
 from tokenflow_jax.recipes.vlm.answer import VqaModel
@@ -62,9 +63,12 @@ def file_questions(path: str) -> list[dict[str, Any]]:
                 if question is None:
                     question = next(t["value"] for t in row["conversations"] if t["from"] == "human")
                 question = question.replace("<image>", "").strip()
-                image = np.asarray(image_io.read_image(os.path.join(root, row["image"])))
+                image = np.asarray(image_io.read_image(paths.resolve_under(root, row["image"])))
                 out.append({"image": image, "question": question, "answer": str(row["answer"]),
                             "category": row.get("category", "all")})
+            except paths.OutsideRootError as e:
+                raise DataError(f"{path}:{number}: {e} (image paths are relative to the question file's folder)") \
+                    from e
             except (AttributeError, KeyError, TypeError, StopIteration, json.JSONDecodeError, OSError,
                     image_io.ImageReadError) as e:
                 raise DataError(f"{path}:{number}: not a usable question ({type(e).__name__}: {e}); expected JSON "
