@@ -33,10 +33,12 @@ def _pct(x: float) -> str:
 
 
 def _examples(run_dir: str, batch_fields: tuple[str, ...]) -> tuple[int, dict[str, int]]:
-    """(steps, {field: per-step batch}) of the training run in ``run_dir`` from its recorded config."""
+    """(steps, {field: per-step batch, "lr": peak learning rate, "schedule": its shape}) of the training run in
+    ``run_dir``, from its recorded config."""
     meta = checkpoint.read_meta(os.path.join(run_dir, "checkpoints"))
     config = config_lib.build_config(meta["config_spec"], list(meta.get("config_overrides", [])))
-    return int(config.train.num_steps), {f: int(config.train[f]) for f in batch_fields}
+    return int(config.train.num_steps), {**{f: int(config.train[f]) for f in batch_fields},
+                                         "lr": float(config.optim.lr), "schedule": str(config.optim.schedule)}
 
 
 def shapes_table(separate: dict[str, Any], unified: dict[str, Any]) -> list[str]:
@@ -86,11 +88,13 @@ def markdown(demo_dir: str, unified_dir: str) -> str:
     out = [
         "# One unified model against two separate ones (shapes world)", "",
         f"Separate: the demo's `tiny` t2i model ({t2i_steps} steps x {t2i_batch['global_batch_size']} captioned "
-        f"images = {t2i_steps * t2i_batch['global_batch_size']:,}) and `tiny` VLM ({vlm_steps} steps x "
-        f"{vlm_batch['global_batch_size']} conversations = {vlm_steps * vlm_batch['global_batch_size']:,}). "
+        f"images = {t2i_steps * t2i_batch['global_batch_size']:,}; lr {t2i_batch['lr']:g} {t2i_batch['schedule']}) "
+        f"and `tiny` VLM ({vlm_steps} steps x {vlm_batch['global_batch_size']} conversations = "
+        f"{vlm_steps * vlm_batch['global_batch_size']:,}; lr {vlm_batch['lr']:g} {vlm_batch['schedule']}). "
         f"Unified: one `tiny` decoder, {steps} steps of {batches['t2i_batch_size']} captioned images + "
         f"{batches['vlm_batch_size']} conversations ({steps * batches['t2i_batch_size']:,} and "
-        f"{steps * batches['vlm_batch_size']:,}). Same tokenizer, token shards and evaluation sets.", "",
+        f"{steps * batches['vlm_batch_size']:,}; lr {batches['lr']:g} {batches['schedule']}). Same tokenizer, "
+        "token shards and evaluation sets.", "",
         f"## ShapesEval ({separate_shapes['num_prompts']} prompts, one image each)", "",
         *shapes_table(separate_shapes, unified_shapes), "",
         "## Shapes-VQA (greedy answers, exact match)", "", *vqa_table(separate_vqa, unified_vqa), "",
