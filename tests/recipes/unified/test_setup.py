@@ -25,8 +25,8 @@ def config():
 
 def test_each_half_is_its_own_recipes_config(config):
     t2i, vlm = setup.t2i_view(config), setup.vlm_view(config)
-    assert t2i.train.global_batch_size == config.train.t2i_batch_size == 16
-    assert vlm.train.global_batch_size == config.train.vlm_batch_size == 28
+    assert t2i.train.global_batch_size == config.train.t2i_batch_size == 8
+    assert vlm.train.global_batch_size == config.train.vlm_batch_size == 15
     assert t2i.data.source == "shapes" and vlm.data.source == "shapes_vqa"
     assert t2i.model.llm == vlm.model.llm == config.model.llm  # one decoder
     # The recipes' own set-up reads them: the length buckets, the text tokenizer, the frozen tokenizer's config.
