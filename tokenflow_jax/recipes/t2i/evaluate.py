@@ -26,9 +26,8 @@ import jax
 import numpy as np
 
 from tokenflow_jax.data import images as image_io
-from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.ops import sampling
-from tokenflow_jax.recipes.t2i.sample import ImageGenerator, clipped, local_rows
+from tokenflow_jax.recipes.t2i.sample import ImageGenerator, check_rerank, clipped, local_rows
 from tokenflow_jax.recipes.tokenizer import frozen
 from tokenflow_jax.shapes import detector as shapes_eval
 from tokenflow_jax.shapes import scenes as shapes
@@ -161,11 +160,7 @@ def run(config, checkpoint_dir: str, num_per_category: int, loops: list[int], ou
         generator=None, judge=None, rerank: int = 1) -> int:
     """The ``eval-shapes`` command. ``generator``: a model already loaded (a unified run's); ``rerank`` > 1 with
     its ``judge`` adds the reranking rows (see :func:`evaluate`)."""
-    if rerank < 1:
-        raise ConfigError(f"--rerank must be >= 1 (candidates per prompt), got {rerank}")
-    if rerank > 1 and judge is None:
-        raise ConfigError("--rerank needs a unified checkpoint: the model that generates must also read its images "
-                          f"to judge them, and {checkpoint_dir!r} holds a t2i run")
+    check_rerank(rerank, judge, checkpoint_dir)
     generator = generator or ImageGenerator.load(config, checkpoint_dir)
     results = evaluate(generator, num_per_category, loops, seed=int(config.seed), judge=judge, rerank=rerank)
     print(format_table(results))

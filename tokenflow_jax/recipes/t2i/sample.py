@@ -225,6 +225,15 @@ def image_name(prompt_index: int, sample_index: int) -> str:
     return f"{prompt_index:05d}_{sample_index:02d}.png"
 
 
+def check_rerank(rerank: int, judge, checkpoint_dir: str) -> None:
+    """``--rerank N``: N >= 1, and N > 1 only with a judge (a unified checkpoint's)."""
+    if rerank < 1:
+        raise ConfigError(f"--rerank must be >= 1 (candidates per image), got {rerank}")
+    if rerank > 1 and judge is None:
+        raise ConfigError("--rerank needs a unified checkpoint: the model that generates must also read its images "
+                          f"to judge them, and {checkpoint_dir!r} holds a t2i run")
+
+
 def sample_best_of(generator: ImageGenerator, judge, rerank: int, prompts: Sequence[str], prompt_index: Sequence[int],
                    sample_index: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """This process's rows -> (indices [B, N], uint8 images [B, H, W, 3], truncation flags [B], candidate
@@ -262,11 +271,7 @@ def run(config, checkpoint_dir: str, prompts_file: str, out_dir: str, per_prompt
             config.seed = seed
     if config.per_prompt < 1:
         raise ConfigError(f"--per-prompt must be >= 1, got {config.per_prompt}")
-    if rerank < 1:
-        raise ConfigError(f"--rerank must be >= 1 (candidates per image), got {rerank}")
-    if rerank > 1 and judge is None:
-        raise ConfigError("--rerank needs a unified checkpoint: the model that generates must also read its images "
-                          f"to judge them, and {checkpoint_dir!r} holds a t2i run")
+    check_rerank(rerank, judge, checkpoint_dir)
     prompts = read_prompts(prompts_file)
     generator = generator or ImageGenerator.load(config, checkpoint_dir)
     process, count = jax.process_index(), jax.process_count()
