@@ -82,7 +82,7 @@ def decoder_flops(config: t2i.T2IConfig, schedule: sampling.SamplingSchedule, ca
     llm = config.llm
     d, h, kv, dh = llm.width, llm.num_heads, llm.num_kv_heads, llm.head_dim
     layer = d * h * dh * 2 + 2 * d * kv * dh + 3 * d * llm.mlp_dim
-    head = d * (config.codebook_size if config.head == "separate" else llm.vocab_size)
+    head = d * config.codebook_size  # either head: only the K code logits are computed
     projector = config.code_dim * d + d * d
     p, offsets, scales = config.text_length, config.token_offsets, config.scales
 
