@@ -21,7 +21,8 @@ Per config, at the 9-scale 256 px schedule (1, 2, ..., 16: 817 tokens) with CFG 
 
 ``--throughput``: this project's ``generate`` sampler alone on the reduced 1b, images/s at batches
 ``--throughput-batches``: one timed call after the compile (and an untimed warm-up call below
-``--no-warmup-from``); ``--configs ''`` runs only this.
+``--no-warmup-from``), with XLA's temporary and peak memory estimate; a batch whose peak exceeds the
+memory available now is compiled but not run. ``--configs ''`` runs only this.
 
 Configs (the released t2i layout: ``post_sublayer_norm`` blocks, QK-norm, the extended vocabulary head):
   tiny        configs/t2i.py:tiny's decoder (width 128, 4 layers, 4/2 heads) on a 300-id text vocabulary,
@@ -223,21 +224,45 @@ def compare(name: str, args, ours: Client, official: Client, scratch: str) -> di
     return row
 
 
+def available_memory_bytes() -> int:
+    """MemAvailable of /proc/meminfo (what a new allocation can get without swapping), else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return common.physical_memory_bytes()
+
+
 def throughput(args, ours: Client, scratch: str) -> list[dict[str, Any]]:
+    """generate's sampler alone: compile first, and time a batch only when its XLA peak fits in memory."""
     name = "1b-reduced"
     folder = os.path.join(scratch, name)
     if not os.path.isdir(folder):
         export(name, folder)
     cfg = build(name)
     rows = []
+    columns = ["config", "batch", "s_per_call", "img_per_s", "s_per_img", "xla_temp_gib", "peak_gib", "compile_s"]
     for b in args.throughput_batches:
         cond, uncond = prompts(cfg, b, seed=2)
         warmup = b < args.no_warmup_from
-        answer = ours.ask(request(folder, cfg, cond, uncond, PAPER, repeats=1, warmup=warmup))
-        seconds = answer["runs"][0]
-        rows.append({"config": name, "batch": b, "s_per_call": seconds, "img_per_s": b / seconds,
-                     "s_per_img": seconds / b, "compile_s": answer.get("compile_s"), "warmup": warmup})
-        common.print_table(rows[-1:], ["config", "batch", "s_per_call", "img_per_s", "s_per_img", "compile_s"])
+        req = request(folder, cfg, cond, uncond, PAPER, repeats=1, warmup=warmup)
+        compiled = ours.ask({**req, "repeats": 0, "warmup": False})  # compile only
+        memory = compiled["memory"] or {}
+        row = {"config": name, "batch": b, "compile_s": compiled["compile_s"], "warmup": warmup,
+               "xla_temp_gib": memory.get("temp_bytes", 0) / common.GiB,
+               "peak_gib": memory.get("peak_estimate_bytes", 0) / common.GiB,
+               "available_gib": available_memory_bytes() / common.GiB}
+        if row["peak_gib"] > row["available_gib"]:
+            row["skipped"] = f"needs {row['peak_gib']:.1f} GiB, {row['available_gib']:.1f} GiB available"
+            print(f"[{name}] batch {b}: not run, {row['skipped']}", flush=True)
+        else:
+            seconds = ours.ask(req)["runs"][0]
+            row.update(s_per_call=seconds, img_per_s=b / seconds, s_per_img=seconds / b)
+        rows.append(row)
+        common.print_table(rows[-1:], columns)
     return rows
 
 
@@ -284,14 +309,16 @@ def main() -> None:
                 worker.close()
     matmul_end = common.matmul_gflops()
     print()
-    common.print_table(rows, ["config", "batch", "params_M", "vocab", "K", "ours_s_per_img", "official_s_per_img",
-                              "ours_s_per_img_min", "official_s_per_img_min", "speedup", "speedup_min",
-                              "speedup_max", "identical_codes", "code_agreement", "max_rel_err", "worst_step",
-                              "logits_equal", "target_speedup"],
-                       title=f"t2i sampling vs the official loop (9 scales, 3 passes, CFG {CFG}), float32, "
-                             "random weights; parity in greedy mode")
+    if rows:
+        common.print_table(rows, ["config", "batch", "params_M", "vocab", "K", "ours_s_per_img", "official_s_per_img",
+                                  "ours_s_per_img_min", "official_s_per_img_min", "speedup", "speedup_min",
+                                  "speedup_max", "identical_codes", "code_agreement", "max_rel_err", "worst_step",
+                                  "logits_equal", "target_speedup"],
+                           title=f"t2i sampling vs the official loop (9 scales, 3 passes, CFG {CFG}), float32, "
+                                 "random weights; parity in greedy mode")
     if throughput_rows:
-        common.print_table(throughput_rows, ["config", "batch", "s_per_call", "img_per_s", "s_per_img"],
+        common.print_table(throughput_rows, ["config", "batch", "s_per_call", "img_per_s", "s_per_img", "xla_temp_gib",
+                                             "peak_gib", "available_gib"],
                            title="generate's sampler alone (paper strategy), images/s")
     common.write_json("sample_official", {
         "machine": common.machine_info(matmul_start), "matmul_end": matmul_end,

@@ -7,11 +7,13 @@ sampler with one key per image), on a model read from an official-layout folder 
 Protocol (as ``bench/tokenizer_serve.py``): one JSON request per stdin line,
 ``{"folder": DIR, "model": T2IConfig fields, "cond": [[ids], ...], "uncond": [ids], "cfg": 7.5,
 "top_k": [...], "top_p": [...], "seed": 0, "repeats": 1, "record": FILE or null, "warmup": true}``;
-the answer adds ``"runs"`` (seconds per call), ``"compile_s"`` (first request of a shape) and ``"codes"``
-([B, N] of the last call). ``cond`` rows are left-padded to the model's text length, as the project's text
-encoder does. A new (folder, batch, schedule) compiles, then makes one untimed warm-up call unless
-``"warmup": false``. ``record`` compiles a separate program that also sends the guided logits of every
-(scale, pass) to the host (``jax.debug.callback``) and saves them to FILE (``.npz``, in call order).
+the answer adds ``"runs"`` (seconds per call), ``"compile_s"`` and ``"memory"`` (XLA's byte counts,
+``common.memory_stats``; on the request that compiles) and ``"codes"`` ([B, N] of the last call). ``cond``
+rows are left-padded to the model's text length, as the project's text encoder does. A new (folder, batch,
+schedule) compiles; the first request for it that does not say ``"warmup": false`` also makes one untimed
+warm-up call before the timed ones. ``record`` compiles a separate program that also sends the guided
+logits of every (scale, pass) to the host (``jax.debug.callback``) and saves them to FILE (``.npz``, in
+call order).
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ class Worker:
     def __init__(self) -> None:
         self.models: dict[str, tuple[t2i.NextScaleT2I, Any, jax.Array]] = {}
         self.compiled: dict[tuple, Any] = {}
+        self.warmed: set[tuple] = set()
         self.recorded: list[np.ndarray] = []
 
     def load(self, folder: str, spec: dict[str, Any]):
@@ -108,17 +111,19 @@ class Worker:
         batch = text_batch(request["cond"], request["uncond"], model.config.text_length)
         record = bool(request.get("record"))
         key = (request["folder"], len(request["cond"]), schedule, float(request["cfg"]), request.get("seed", 0), record)
-        compile_s = None
+        compile_s, memory = None, None
         if key not in self.compiled:
             fn = t2i_sample.make_sample_fn(model, lambda tok_vars, indices: indices, seed=int(request.get("seed", 0)),
                                            cfg_scale=float(request["cfg"]), schedule=schedule, cached=True)
             args = (params, None, codebook, batch)
             with recording_guided_logits(self.recorded) if record else contextlib.nullcontext():
                 compiled, compile_s = common.compile_timed(jax.jit(fn), *args)
+            memory = common.memory_stats(compiled)
             self.compiled[key] = compiled
-            if request.get("warmup", True):
-                common.block(compiled(*args))
         compiled = self.compiled[key]
+        if request.get("warmup", True) and key not in self.warmed:
+            common.block(compiled(params, None, codebook, batch))
+            self.warmed.add(key)
         runs, codes = [], None
         for _ in range(int(request.get("repeats", 1))):
             self.recorded.clear()
@@ -129,7 +134,8 @@ class Worker:
         if record:
             np.savez(request["record"], *self.recorded)
         out = {k: v for k, v in request.items() if k not in ("cond", "uncond", "model")}
-        return {**out, "runs": runs, "compile_s": compile_s, "codes": np.asarray(codes).tolist()}
+        return {**out, "runs": runs, "compile_s": compile_s, "memory": memory,
+                "codes": None if codes is None else np.asarray(codes).tolist()}
 
 
 def main() -> None:
