@@ -75,26 +75,28 @@ def decoder_flops(config: t2i.T2IConfig, schedule: sampling.SamplingSchedule, ca
 
     Per forward call over T positions attending S keys: the projections and SwiGLU MLP of every layer
     (2 T x their weights), attention scores and values (2 x 2 T S H Dh per layer), the projector on image
-    inputs and the code head on the positions that are sampled. XLA's cost analysis is not used for this:
-    it counts a cumulative sum over V (the top-p cut) as V^2 additions, ~1,750 phantom GFLOP per image.
+    inputs, for both rows; and the code head once per sampled position (it runs on the guided hidden state).
+    XLA's cost analysis is not used for this: it counts a cumulative sum over V (the top-p cut) as V^2
+    additions, ~1,750 phantom GFLOP per image.
     """
     llm = config.llm
     d, h, kv, dh = llm.width, llm.num_heads, llm.num_kv_heads, llm.head_dim
     layer = d * h * dh * 2 + 2 * d * kv * dh + 3 * d * llm.mlp_dim
-    head = d * (config.codebook_size if config.head == "separate" else llm.vocab_size)
+    head = d * config.codebook_size  # either head: only the K code logits are computed
     projector = config.code_dim * d + d * d
     p, offsets, scales = config.text_length, config.token_offsets, config.scales
 
     def call(tokens: int, keys: int, image_inputs: int, predicted: int) -> float:
         attention = 2 * 2 * tokens * keys * h * dh
-        return 2 * (llm.depth * (tokens * layer) + image_inputs * projector + predicted * head) + llm.depth * attention
+        rows = 2 * (2 * (llm.depth * (tokens * layer) + image_inputs * projector) + llm.depth * attention)
+        return rows + 2 * predicted * head  # the cond and the uncond row; the head once
 
     total = call(p, p, 0, 1)
     for si in range(1, len(scales)):
         block, end = scales[si] ** 2, p - 1 + offsets[si + 1]
         per_pass = call(block, end, block, block) if cached else call(end, end, end - p, block)
         total += per_pass * len(schedule.passes(si))
-    return 2.0 * total  # the cond and the uncond row
+    return total
 
 
 def bench_config(name: str, batch: int, repeats: int) -> dict[str, Any]:

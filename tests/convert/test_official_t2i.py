@@ -213,6 +213,8 @@ def test_export_round_trip_is_bit_exact(release, converted, tmp_path):
     for field, value in hf_config(vocab).items():
         if field not in ("torch_dtype", "cond_drop_rate", "max_position_embeddings"):
             assert written[field] == value, field
+    # The official sampling script sets the tokenizer path through from_pretrained, which needs the field.
+    assert written["mm_vision_tower"] == ""
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))  # the tokenizer travels with the weights
 
 

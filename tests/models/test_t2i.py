@@ -183,6 +183,21 @@ def test_cached_sampler_equals_full_recompute(head, block_order, top_k, top_p, c
         np.testing.assert_array_equal(np.asarray(cached)[:, 0], np.asarray(jnp.argmax(logits[:, 0], -1)))
 
 
+@pytest.mark.parametrize("head", ["separate", "extended"])
+def test_guidance_on_hidden_states_equals_guidance_on_logits(head):
+    """The samplers run the head once on (1 + t) h_c - t h_u; the reference guides the two rows' logits."""
+    model, variables, *_ = setup_model(tiny_config(head=head))
+    apply = lambda *a, **k: model.apply(variables, *a, **k)  # noqa: E731
+    hidden = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3, 32)), jnp.float32)  # [2B, T, D]
+    logits = apply(hidden, method=t2i.NextScaleT2I.code_logits)
+    for si, cfg_scale in ((0, 7.5), (2, 7.5), (3, 3.0)):
+        t = sampling.guidance_scale(cfg_scale, si, len(SCALES))
+        want = np.asarray(sampling.apply_guidance(logits[:2], logits[2:], t))
+        got = np.asarray(t2i_sampler.guided_code_logits(apply, hidden, si, len(SCALES), cfg_scale))
+        assert got.shape == (2, 3, K)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def test_forward_token_counts():
     config = tiny_config()
     schedule = sampling.SamplingSchedule((20, 6, 1), (0.8, 0.8, 0.0))

@@ -234,6 +234,21 @@ def test_tied_embeddings_and_bfloat16_compute():
     assert rel_err(low, ref, padding) < 5e-2
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_unembed_of_an_id_range_is_that_slice_of_the_logits_and_computes_only_it(tie):
+    """The t2i sampler's image-code logits: ids 40..55 of 64, from those rows of the head alone."""
+    cfg = dataclasses.replace(CFG, tie_embeddings=tie)
+    p = random_params(cfg, seed=5)
+    hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, cfg.width)), jnp.float32)
+    unembed = lambda h, ids=None: Transformer(cfg).apply({"params": p}, h, ids, method=Transformer.unembed)  # noqa: E731
+    full, part = unembed(hidden), unembed(hidden, (40, 16))
+    assert full.shape == (2, 3, 64) and part.shape == (2, 3, 16)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full[..., 40:56]), rtol=1e-6, atol=1e-6)
+    dots = [e.outvars[0].aval.shape for e in jax.make_jaxpr(lambda h: unembed(h, (40, 16)))(hidden).jaxpr.eqns
+            if e.primitive.name in ("dot_general", "pjit")]
+    assert dots and all(shape[-1] == 16 for shape in dots)  # no [.., 64] product is ever formed
+
+
 # ----------------------------------------------------------------------------------------------------------
 # KV cache
 

@@ -136,10 +136,15 @@ def to_state_dict(params: Mapping[str, Any], cfg: t2i.T2IConfig, dtype: Any = No
 
 
 def hf_config(cfg: t2i.T2IConfig, tokenizer_max_length: int = 2048) -> dict[str, Any]:
-    """The official ``config.json`` fields of ``cfg`` (``LlavaLlamaForCausalLM``, as the hub config)."""
+    """The official ``config.json`` fields of ``cfg`` (``LlavaLlamaForCausalLM``, as the hub config).
+
+    ``mm_vision_tower`` (the image tokenizer's ``.pt``) is left empty: the official sampling script passes
+    ``from_pretrained(..., mm_vision_tower=--tokenizer-path)``, and transformers only overrides fields that
+    config.json already has (an absent one is passed on to the model's constructor, a TypeError).
+    """
     return convert_llm.hf_config_dict(
         cfg.llm, "llava_llama", architectures=["LlavaLlamaForCausalLM"], mm_hidden_size=cfg.code_dim,
-        mm_projector_type="mlp2x_gelu", mm_use_vq_token=True, mm_vision_vq_type="TOKEN_FLOW",
+        mm_projector_type="mlp2x_gelu", mm_use_vq_token=True, mm_vision_vq_type="TOKEN_FLOW", mm_vision_tower="",
         vq_codebook_size=cfg.codebook_size, tokenizer_model_max_length=tokenizer_max_length,
         mm_use_im_start_end=False, mm_use_im_patch_token=False, bos_token_id=1, eos_token_id=2,
         pad_token_id=cfg.image_token_start - 1)

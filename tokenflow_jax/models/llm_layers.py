@@ -137,7 +137,9 @@ class Linear(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, columns: tuple[int, int] | None = None) -> jax.Array:
+        """``columns = (start, size)`` (one output feature axis, no bias): only outputs start..start+size-1,
+        from that slice of the kernel, so the other outputs are never computed."""
         in_shape = x.shape[x.ndim - self.in_dims :]
         kernel = self.param(
             "kernel",
@@ -145,6 +147,10 @@ class Linear(nn.Module):
             (*in_shape, *self.features),
             self.param_dtype,
         )
+        if columns is not None:
+            if len(self.features) != 1 or self.use_bias:
+                raise ValueError(f"Linear: columns needs one output axis and no bias, got features {self.features}")
+            kernel = jax.lax.slice_in_dim(kernel, columns[0], columns[0] + columns[1], axis=kernel.ndim - 1)
         contract = tuple(range(x.ndim - self.in_dims, x.ndim))
         y = jax.lax.dot_general(
             x.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ()))

@@ -230,7 +230,9 @@ class NextScaleT2I(nn.Module):
         cfg = self.config
         if cfg.head == "separate":
             return self.code_head(hidden).astype(jnp.float32)
-        return self.full_logits(hidden)[..., cfg.image_token_start : cfg.image_token_start + cfg.codebook_size]
+        # Only the K code rows of the head: the sampler's head matmul would otherwise be V / K times larger
+        # (64,769 / 32,768 for the released layout) and then cut.
+        return self.llm.unembed(hidden, ids=(cfg.image_token_start, cfg.codebook_size))
 
     def full_logits(self, hidden: jax.Array) -> jax.Array:
         """'extended' head: the whole LM vocabulary [B, T, V] (float32)."""

@@ -359,12 +359,22 @@ class Transformer(nn.Module):
         """Token ids [B, L] -> input embeddings [B, L, D] in the compute dtype."""
         return self.embed_tokens(ids)
 
-    def unembed(self, hidden: jax.Array) -> jax.Array:
-        """Final-normed hidden states [B, L, D] -> float32 logits [B, L, V]."""
-        if self.config.tie_embeddings:
+    def unembed(self, hidden: jax.Array, ids: tuple[int, int] | None = None) -> jax.Array:
+        """Final-normed hidden states [B, L, D] -> float32 logits [B, L, V].
+
+        ``ids = (start, size)``: only the logits of ids start..start+size-1 ([B, L, size]), computed from those
+        rows of the head alone (XLA computes a whole matmul before slicing its output).
+        """
+        if ids is None and self.config.tie_embeddings:
             logits = self.embed_tokens.attend(hidden)
-        else:
+        elif ids is None:
             logits = self.lm_head(hidden)
+        elif self.config.tie_embeddings:  # as nn.Embed.attend, on the rows of the ids
+            rows = jax.lax.slice_in_dim(self.embed_tokens.embedding, ids[0], ids[0] + ids[1], axis=0)
+            dtype = self.config.compute_dtype
+            logits = jnp.dot(hidden.astype(dtype), rows.astype(dtype).T)
+        else:
+            logits = self.lm_head(hidden, columns=ids)
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def _inputs(self, ids, inputs_embeds) -> jax.Array:
