@@ -96,7 +96,7 @@ def cmd_eval(args, overrides) -> int:
 
     config = _load_config(args.config, overrides, args.checkpoint)
     return tokenizer_eval.run(config, args.checkpoint, args.out, args.num_images, args.batch_size,
-                              with_fid=not args.no_fid)
+                              with_fid=not args.no_fid, with_semantic=args.semantic)
 
 
 def cmd_tokenize(args, overrides) -> int:
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, help="default config.eval.num_images")
     p.add_argument("--batch-size", type=int, help="global batch, default config.eval.batch_size")
     p.add_argument("--no-fid", action="store_true", help="skip rFID (InceptionV3 is ~6 GFLOP per image)")
+    p.add_argument("--semantic", action="store_true", help="also the semantic features' cosine to the config's "
+                                                           "teacher (loads config.teacher)")
     p.add_argument("--out", help="JSON output (default CHECKPOINT/eval.json)")
     p.set_defaults(fn=cmd_eval)
 
