@@ -89,3 +89,15 @@ def test_a_study_without_finished_files_still_writes_a_pending_table(tmp_path):
     text = open(written["markdown"]).read()
     assert written["plots"] == [] and written["done"] == 0
     assert "| shared (pending) |" in text and "| separate (pending) |" in text and "0 of 3 points done" in text
+
+
+def test_docs_page_gathers_each_study_with_its_plots(study, tmp_path):
+    config, workdir = study
+    ablation_report.write(config, workdir)
+    out = tmp_path / "docs" / "ablations.md"
+    os.makedirs(out.parent)
+    page = ablation_report.docs([workdir], str(out))
+    assert out.read_text() == page
+    assert "## Study `smoke` (shapes world)" in page and "| w_dis=0 | 21.25 |" in page
+    assert "![smoke](ablations/smoke.png)" in page
+    assert (tmp_path / "docs" / "ablations" / "smoke_per_scale.png").stat().st_size > 1000

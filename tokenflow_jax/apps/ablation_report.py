@@ -5,12 +5,18 @@ semantic cosine, codes used and perplexity per scale), ``step_cost.json`` (secon
 memory), ``shapes_eval.json`` (ShapesEval per sampling strategy) and ``vqa_eval.json`` (Shapes-VQA); a point counts
 as done when every stage of the study has its record in ``stages/``. Nothing is typed in by hand, and a point that
 is not finished shows as pending. :func:`write` is what ``tokenflow-jax sweep`` calls at the end of every run.
+
+``docs/ablations.md`` from finished studies (their tables, plots copied to ``docs/ablations/``)::
+
+    python -m tokenflow_jax.apps.ablation_report --docs docs/ablations.md out/w_dis out/codebook_size ...
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -230,3 +236,41 @@ def write(config, workdir: str) -> dict[str, Any]:
         os.replace(paths[key] + ".tmp", paths[key])
     return {**paths, "plots": [os.path.join(workdir, p) for p in plots],
             "done": int(np.sum([p["done"] for p in results["points"]]))}
+
+
+def docs(study_dirs: Sequence[str], out: str) -> str:
+    """One markdown page from the ``results.md`` of each study folder (their headings one level down), the plots
+    copied beside it into ``<out without .md>/``; returns the text written to ``out``."""
+    assets = os.path.splitext(out)[0]
+    os.makedirs(assets, exist_ok=True)
+    parts = ["# Ablations on the shapes world", "",
+             "Each section is a study of configs/ablations.py as `tokenflow-jax sweep` wrote it: the table and plots "
+             "come from the points' own result files (shapes-world numbers, not ImageNet).", ""]
+    for directory in study_dirs:
+        with open(os.path.join(directory, "results.json")) as f:
+            study = json.load(f)["study"]
+        with open(os.path.join(directory, "results.md")) as f:
+            text = f.read()
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".png") and name.startswith(study):
+                shutil.copyfile(os.path.join(directory, name), os.path.join(assets, name))
+                text = text.replace(f"]({name})", f"]({os.path.basename(assets)}/{name})")
+        parts += ["#" + line if line.startswith("#") else line for line in text.splitlines()] + [""]
+    page = "\n".join(parts)
+    with open(out, "w") as f:
+        f.write(page)
+    return page
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", required=True, help="the page to write, e.g. docs/ablations.md")
+    parser.add_argument("studies", nargs="+", help="sweep workdirs (each with results.json and results.md)")
+    args = parser.parse_args(argv)
+    docs(args.studies, args.docs)
+    print(f"wrote {args.docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
