@@ -7,7 +7,21 @@ and each codebook row is L2-normalised, and ONE index is chosen per token:
 
     index = argmin_k  d_sem(k) + w_dis * d_pix(k)
 
-That index fetches both normalised entries (the 40-d quantised vector). Multi-scale residual
+That index fetches both normalised entries (the 40-d quantised vector). ``mapping`` chooses the index rule, for
+the ablation of the shared mapping (the reference has only the first):
+
+  * ``shared``: the rule above (the reference; bit-identical whatever the other options);
+  * ``separate``: two independent argmins, ``argmin_k d_sem(k)`` and ``argmin_k d_pix(k)``, each fetching its own
+    codebook's entry. ``indices`` (the downstream token) is then the PIXEL index: it is what the t2i model
+    generates and the pixel decoder reads back into an image, and an image needs nothing of the semantic half.
+    The semantic index, the understanding token, comes in ``aux['semantic_indices']``: the VLM's features
+    (``final``: the accumulated map F, whose semantic half these indices fetched; ``all_scales``:
+    :meth:`MultiScaleQuantizer.lookup` of both index sets) see it. Decoding pixel indices alone leaves the
+    semantic half of F at zero (the image is exact, the semantic decoder's output is not meaningful);
+  * ``pixel_only``: ``argmin_k d_pix(k)`` alone (the ``w_dis -> infinity`` limit: a plain pixel VQ whose index
+    still fetches both entries).
+
+Multi-scale residual
 quantisation runs this at every scale of the schedule on an area-downsampled residual, upsamples
 each scale's result bicubically to the final grid and accumulates it; the residual loses the
 (stop-gradient) upsampled vector. Every scale has its own straight-through estimator and loss terms,
@@ -39,6 +53,7 @@ from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.ops import nearest_code, resize
 
 NEVER_USED = 2**30
+MAPPINGS = ("shared", "separate", "pixel_only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +74,20 @@ class QuantizerConfig:
     usage_window: int = 100  # steps; a code counts as used if chosen within the window
     search_memory_bytes: int = nearest_code.DEFAULT_MEMORY_BYTES
     codebook_axis: str | None = None  # mesh axis to shard the codebook over in the search
+    mapping: str = "shared"  # 'shared' (reference) | 'separate' | 'pixel_only': how a token's index is chosen
 
     def __post_init__(self):
         if self.codebook_update not in ("loss", "ema"):
             raise ConfigError(f"quantizer.codebook_update must be 'loss' or 'ema', got {self.codebook_update!r}")
+        if self.mapping not in MAPPINGS:
+            raise ConfigError(f"quantizer.mapping must be one of {', '.join(MAPPINGS)}, got {self.mapping!r}")
+        if self.mapping == "separate" and self.codebook_update == "ema":
+            # The EMA statistics count one index per token; two independent ones would need two sets of counts.
+            raise ConfigError("quantizer.mapping='separate' needs quantizer.codebook_update='loss' (the EMA update "
+                              "keeps one count per code, for one index per token)")
+        if self.mapping != "shared" and self.entropy_weight > 0:
+            raise ConfigError(f"quantizer.entropy_weight > 0 is defined on the shared mapping's distances; "
+                              f"set it to 0 with quantizer.mapping={self.mapping!r}")
         if list(self.scales) != sorted(set(self.scales)) or not self.scales or self.scales[0] < 1:
             raise ConfigError(f"quantizer.scales must be strictly increasing positive ints, got {self.scales}")
 
@@ -160,13 +185,24 @@ class MultiScaleQuantizer(nn.Module):
             l2_normalize(jnp.asarray(self.codebook_pixel, jnp.float32)),
         )
 
-    def lookup(self, indices: jax.Array) -> jax.Array:
-        """Normalised 40-d entries for integer ``indices`` [...] -> [..., 40]."""
-        sem, pix = self.normalized_codebooks()
-        return jnp.concatenate([jnp.take(sem, indices, axis=0), jnp.take(pix, indices, axis=0)], axis=-1)
+    def lookup(self, indices: jax.Array, semantic_indices: jax.Array | None = None) -> jax.Array:
+        """Normalised 40-d entries for integer ``indices`` [...] -> [..., 40].
 
-    def decode_indices(self, indices: jax.Array) -> jax.Array:
-        """Indices [B, L] of any prefix of the scales -> the accumulated map F [B, s_n, s_n, 40].
+        ``semantic_indices`` [...] (mapping 'separate') fetch the semantic half; without them that half is the
+        entry of ``indices`` itself, or zero under 'separate', whose ``indices`` are pixel indices only.
+        """
+        sem, pix = self.normalized_codebooks()
+        if semantic_indices is not None:
+            semantic = jnp.take(sem, semantic_indices, axis=0)
+        elif self.config.mapping == "separate":
+            semantic = jnp.zeros((*indices.shape, sem.shape[1]), sem.dtype)
+        else:
+            semantic = jnp.take(sem, indices, axis=0)
+        return jnp.concatenate([semantic, jnp.take(pix, indices, axis=0)], axis=-1)
+
+    def decode_indices(self, indices: jax.Array, semantic_indices: jax.Array | None = None) -> jax.Array:
+        """Indices [B, L] of any prefix of the scales -> the accumulated map F [B, s_n, s_n, 40]
+        (``semantic_indices`` [B, L]: see :meth:`lookup`).
 
         Each scale's entries are bicubic-upsampled to the final grid and summed (the tokenizer's
         decode path; the t2i teacher-forcing path resizes progressively instead, ByteFlow-AI/TokenFlow
@@ -176,16 +212,32 @@ class MultiScaleQuantizer(nn.Module):
         used = self.config.scales_for_length(indices.shape[1])
         total, offset = 0.0, 0
         for s in used:
-            q = self.lookup(indices[:, offset : offset + s * s]).reshape(indices.shape[0], s, s, -1)
+            semantic = None if semantic_indices is None else semantic_indices[:, offset : offset + s * s]
+            q = self.lookup(indices[:, offset : offset + s * s], semantic).reshape(indices.shape[0], s, s, -1)
             total = total + resize.bicubic_resize(q, (final, final))
             offset += s * s
         return total
 
     # -------------------------------------------------------------------------------------- search
     def search(self, z_sem: jax.Array, z_pix: jax.Array) -> nearest_code.CodeSearchResult:
-        """Nearest shared code for normalised token halves [N, 32], [N, 8] (no gradient)."""
+        """Nearest shared code for normalised token halves [N, 32], [N, 8] (no gradient); under mapping
+        'pixel_only' the nearest pixel code, under 'separate' the nearest pixel code (the semantic one:
+        :meth:`search_semantic`)."""
         cfg = self.config
         e_sem, e_pix = self.normalized_codebooks()
+        if cfg.mapping == "shared":
+            return self._search(z_sem, z_pix, e_sem, e_pix, cfg.w_dis)
+        # One half alone: the other half's width is 0, so its distance is exactly 0 in the shared formula, and the
+        # chunked / sharded searches (memory bound, first minimum on ties) serve every mapping.
+        return self._search(z_sem[:, :0], z_pix, e_sem[:, :0], e_pix, 1.0)
+
+    def search_semantic(self, z_sem: jax.Array, z_pix: jax.Array) -> nearest_code.CodeSearchResult:
+        """Nearest semantic code alone (mapping 'separate'): argmin_k d_sem(k)."""
+        e_sem, e_pix = self.normalized_codebooks()
+        return self._search(z_sem, z_pix[:, :0], e_sem, e_pix[:, :0], 1.0)
+
+    def _search(self, z_sem, z_pix, e_sem, e_pix, w_dis: float) -> nearest_code.CodeSearchResult:
+        cfg = self.config
         args = [jax.lax.stop_gradient(a) for a in (z_sem, z_pix, e_sem, e_pix)]
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and mesh.size > 1:
@@ -194,10 +246,10 @@ class MultiScaleQuantizer(nn.Module):
             batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
             codebook_axis = cfg.codebook_axis if cfg.codebook_axis in mesh.axis_names else None
             return nearest_code.nearest_code_sharded(
-                *args, cfg.w_dis, codebook_axis=codebook_axis, token_axes=batch_axes,
+                *args, w_dis, codebook_axis=codebook_axis, token_axes=batch_axes,
                 memory_bytes=cfg.search_memory_bytes,
             )
-        return nearest_code.nearest_code_chunked(*args, cfg.w_dis, memory_bytes=cfg.search_memory_bytes)
+        return nearest_code.nearest_code_chunked(*args, w_dis, memory_bytes=cfg.search_memory_bytes)
 
     # ------------------------------------------------------------------------------------- forward
     def quantize_scale(self, r: jax.Array, train: bool) -> dict[str, Any]:
@@ -211,13 +263,17 @@ class MultiScaleQuantizer(nn.Module):
         z_pix = l2_normalize(z[:, cfg.semantic_dim :])
         z = jnp.concatenate([z_sem, z_pix], axis=-1)
         found = self.search(z_sem, z_pix)
-        zq = self.lookup(found.indices)
+        semantic = self.search_semantic(z_sem, z_pix).indices if cfg.mapping == "separate" else None
+        zq = self.lookup(found.indices, semantic)
         out = dict(
             q=(z + jax.lax.stop_gradient(zq - z)).reshape(b, s, s, cfg.code_dim),
             indices=found.indices.reshape(b, s * s),
             z=z,
             counts=jnp.zeros((cfg.codebook_size,), jnp.float32).at[found.indices].add(1.0),
         )
+        if semantic is not None:
+            out["semantic_indices"] = semantic.reshape(b, s * s)
+            out["semantic_counts"] = jnp.zeros((cfg.codebook_size,), jnp.float32).at[semantic].add(1.0)
         if train:
             # In EMA mode the codebook is state, not a parameter: the codebook loss has nothing to move.
             out["vq_loss"] = (
@@ -255,7 +311,8 @@ class MultiScaleQuantizer(nn.Module):
             usage / EMA state updates.
         Returns:
           F [B, s_n, s_n, 40] the accumulated straight-through quantised map; aux dict of losses and
-          metrics; indices [B, sum s_k^2] int32 (scale by scale, row-major within a scale).
+          metrics (``semantic_indices`` [B, sum s_k^2] under mapping 'separate'); indices [B, sum s_k^2] int32
+          (scale by scale, row-major within a scale; the pixel index under 'separate').
         """
         cfg = self.config
         final = cfg.scales[-1]
@@ -288,12 +345,16 @@ class MultiScaleQuantizer(nn.Module):
                 self._update_state(per_scale, keep)
         aux["codebook_usage"] = jnp.mean(self.code_age.value < cfg.usage_window)
         indices = jnp.concatenate([o["indices"] for o in per_scale], axis=1)
+        if cfg.mapping == "separate":
+            aux["semantic_indices"] = jnp.concatenate([o["semantic_indices"] for o in per_scale], axis=1)
         return accumulated, aux, indices
 
     # ------------------------------------------------------------------------------------- state
     def _update_state(self, per_scale: list[dict[str, Any]], keep: jax.Array) -> None:
         cfg = self.config
         counts = sum(o["counts"] * keep[k] for k, o in enumerate(per_scale))  # [K], global over devices
+        if cfg.mapping == "separate":  # a code is in use when either of its entries is chosen
+            counts = counts + sum(o["semantic_counts"] * keep[k] for k, o in enumerate(per_scale))
         age = self.code_age.value
         self.code_age.value = jnp.where(counts > 0, 0, jnp.minimum(age + 1, NEVER_USED))
         if cfg.codebook_update != "ema":
