@@ -28,12 +28,13 @@ each scale's result bicubically to the final grid and accumulates it; the residu
 averaged over the scales used; in training one scale (never the first) is dropped with probability
 ``scale_drop_prob``.
 
-Memory flat in K. Beyond the codebooks (and their gradients or EMA statistics) the step holds no buffer that
-grows with the codebook size K, so K = 1M trains where K = 1k does: the codebooks are normalised once per call for
-every scale; the residual loop reads them without gradient (its straight-through outputs carry none to the
-codebook), and the codebook loss's gradient flows through ONE gather of every scale's codes after the loop (one
-scatter-add per codebook, not one [K, D] gradient per scale); the EMA statistics are one scatter-add over every
-scale's tokens; the usage metrics (perplexity, codes used) come from the sorted indices, not from [K] histograms.
+Memory in K. What grows with the codebook size K is one buffer of each kind, whatever the number of scales: the
+codebooks normalised once per call (the search and lookups read them), one gradient per codebook, the EMA
+statistics, the dead-code restart candidates, a few [K] vectors. The residual loop reads the normalised codebooks
+without gradient (its straight-through outputs carry none to the codebook); the codebook loss's gradient flows
+through ONE gather of every scale's codes after the loop (one scatter-add per codebook, not a [K, D] gradient and
+normalisation backward per scale); the EMA counts and sums are one scatter-add over every scale's tokens; the usage
+metrics (perplexity, codes used) come from the sorted indices, not from [K] histograms per scale.
 
 Codebook learning is either by the codebook loss (the reference) or by exponential moving averages
 (``codebook_update='ema'``): decayed assignment counts with Laplace smoothing, decayed sums of the
