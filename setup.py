@@ -100,8 +100,8 @@ EXTRAS = {
     # torch must already be installed as 2.13.0+cpu; the pin here keeps pip from upgrading it.
     # jax[tpu] brings libtpu, which also compiles for TPU topologies on CPU machines (`tokenflow-jax compile`
     # and tests/test_compile.py, which skip without it).
-    "test": ["pytest==9.2.0", "torch==2.13.0", "ruff==0.17.6", "portpicker==1.6.0", "import-linter==2.16",
-             "jax[tpu]==0.10.2"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "ruff==0.17.6", "portpicker==1.6.0",
+             "import-linter==2.16", "jax[tpu]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
     "gpu": ["jax[cuda12]==0.10.2"],
     "gcs": ["gcsfs==2026.10.1"],  # gs:// workdirs (orbax reaches GCS through etils.epath -> fsspec)

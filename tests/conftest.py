@@ -77,3 +77,13 @@ def broken_folder(tmp_path):
         (root / name).write_bytes(data)
     (root / "a_good.txt").write_text("a red rectangle\n")
     return os.fspath(root), files
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jit caches after each test module: compiled executables and their constants otherwise
+    accumulate over the whole session (one process reached ~10 GiB), and with two xdist workers on a 24 GiB
+    machine that is the difference between fitting and not. Modules share nothing compiled with each other
+    except through the persistent cache, which this does not touch."""
+    yield
+    jax.clear_caches()
