@@ -4,7 +4,7 @@ RMSNorm in float32 (``x * rsqrt(mean(x^2) + eps)``, cast back to the input dtype
 rotate-half RoPE with ``inv_freq = 1 / theta^(arange(0, d, 2) / d)`` in float32; grouped-query softmax
 attention with float32 logits and softmax; masks and HF's position ids for left-padded batches.
 
-Masks: ``True`` / 0 = attend. Boolean masks become 0 / ``MASK_VALUE`` biases; float masks are additive
+Masks: ``True`` / 0 = attend. Boolean masks set masked logits to ``MASK_VALUE``; float masks are additive
 (0 / ``finfo.min``, as HF's 4-D masks) and the biased logits are clamped at ``finfo(float32).min``, so a
 fully masked row (a left-padding query) stays finite instead of producing NaNs.
 """
@@ -63,27 +63,42 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.
 
     Args:
       q: [B, Lq, H, Dh]; k, v: [B, Lk, K, Dh] with H % K == 0 (query head h uses kv head h // (H / K)).
-      bias: float32 additive bias [B or 1, H or 1, Lq, Lk] (0 = attend, ``MASK_VALUE`` = masked).
+      bias: a boolean mask (True = attend) or a float32 additive bias (0 = attend, ``MASK_VALUE`` = masked),
+        [B or 1, H or 1, Lq, Lk] (:func:`mask_to_bias`).
     Returns:
       [B, Lq, H, Dh] in v's dtype.
+
+    Layout: q, k and v are transposed to [B, K, (G,) L, Dh] first, so both matmuls produce and consume the
+    scores [B, K, G, Lq, Lk] in their natural order; written on [B, L, K, G, Dh] directly, XLA transposes the
+    score tensor, G * Lq * Lk per kv head and much larger than q, k or v, in the forward and the backward pass.
+    A boolean mask selects ``MASK_VALUE`` where the bias would add it (the same logits: ``x + MASK_VALUE``
+    rounds to ``MASK_VALUE`` for any |x| far below its ulp), and its gradient needs only the mask, where
+    ``maximum(x + bias, MASK_VALUE)`` keeps the biased logits of every layer for the backward pass.
     """
     b, lq, h, dh = q.shape
     kv_heads = k.shape[2]
     groups = h // kv_heads
-    q = q.reshape(b, lq, kv_heads, groups, dh)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * (dh**-0.5)
+    q = q.reshape(b, lq, kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, Lq, Dh]
+    k = k.transpose(0, 2, 1, 3)  # [B, K, Lk, Dh]
+    v = v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32) * (dh**-0.5)
     if bias.shape[1] == 1:
         bias = bias[:, :, None]  # [B, 1, 1, Lq, Lk]
     else:
         bias = bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
-    logits = jnp.maximum(logits + bias, MASK_VALUE)
+    if bias.dtype == jnp.bool_:
+        logits = jnp.where(bias, logits, MASK_VALUE)
+    else:
+        logits = jnp.maximum(logits + bias, MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v)
-    return out.reshape(b, lq, h, dh)
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", weights, v)  # [B, K, G, Lq, Dh]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, dh)
 
 
 def mask_to_bias(mask: jax.Array, batch: int, heads: int, lq: int, lk: int) -> jax.Array:
-    """A boolean (True = attend) or additive float mask -> float32 bias [B or 1, H or 1, Lq, Lk].
+    """A boolean (True = attend) or additive float mask -> the ``bias`` of :func:`attention`, [B or 1, H or 1,
+    Lq, Lk]: boolean masks stay boolean (``attention`` selects ``MASK_VALUE`` where they are False), float masks
+    become float32.
 
     Accepted shapes: [B, Lq, Lk] or [B, 1 or H, Lq, Lk] (B may be 1).
     """
@@ -97,7 +112,7 @@ def mask_to_bias(mask: jax.Array, batch: int, heads: int, lq: int, lk: int) -> j
             f"got shape {mask.shape}"
         )
     if mask.dtype == jnp.bool_:
-        return jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
+        return mask
     return mask.astype(jnp.float32)
 
 
