@@ -11,6 +11,7 @@ fully masked row (a left-padding query) stays finite instead of producing NaNs.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -68,8 +69,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.
     Returns:
       [B, Lq, H, Dh] in v's dtype.
 
-    Layout: q, k and v are transposed to [B, K, (G,) L, Dh] first, so both matmuls produce and consume the
-    scores [B, K, G, Lq, Lk] in their natural order; written on [B, L, K, G, Dh] directly, XLA transposes the
+    Layout: q, k and v are transposed to [B, K, (G *) L, Dh] first, so both matmuls produce and consume the
+    scores [B, K, G * Lq, Lk] in their natural order; written on [B, L, K, G, Dh] directly, XLA transposes the
     score tensor, G * Lq * Lk per kv head and much larger than q, k or v, in the forward and the backward pass.
     A boolean mask selects ``MASK_VALUE`` where the bias would add it (the same logits: ``x + MASK_VALUE``
     rounds to ``MASK_VALUE`` for any |x| far below its ulp), and its gradient needs only the mask, where
@@ -78,10 +79,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.
     b, lq, h, dh = q.shape
     kv_heads = k.shape[2]
     groups = h // kv_heads
-    q = q.reshape(b, lq, kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, Lq, Dh]
+    lk = k.shape[1]
+    # [B, K, G * Lq, Dh]: one query axis, so the backward products dK = dS^T Q and dV = W^T dO contract a single
+    # axis (XLA transposes the score-sized operand of a dot that contracts two).
+    q = q.reshape(b, lq, kv_heads, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * lq, dh)
     k = k.transpose(0, 2, 1, 3)  # [B, K, Lk, Dh]
     v = v.transpose(0, 2, 1, 3)
-    logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32) * (dh**-0.5)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (dh**-0.5)
+    logits = logits.reshape(b, kv_heads, groups, lq, lk)
     if bias.shape[1] == 1:
         bias = bias[:, :, None]  # [B, 1, 1, Lq, Lk]
     else:
@@ -90,8 +95,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.
         logits = jnp.where(bias, logits, MASK_VALUE)
     else:
         logits = jnp.maximum(logits + bias, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bhkd->bhgqd", weights, v)  # [B, K, G, Lq, Dh]
+    # softmax on the [B, K, G * Lq, Lk] view the second matmul reads: its output is then one residual, not two
+    weights = jax.nn.softmax(logits.reshape(b, kv_heads, groups * lq, lk), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).reshape(b, kv_heads, groups, lq, dh)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, dh)
 
 
@@ -166,10 +172,15 @@ class Linear(nn.Module):
             if len(self.features) != 1 or self.use_bias:
                 raise ValueError(f"Linear: columns needs one output axis and no bias, got features {self.features}")
             kernel = jax.lax.slice_in_dim(kernel, columns[0], columns[0] + columns[1], axis=kernel.ndim - 1)
-        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+        # The leading axes flattened to one ([B, L, ...] -> [B * L, ...], free for a contiguous array): the weight
+        # gradient x^T dy then contracts a single axis; contracting B and L, XLA's CPU dot first transposes dy.
+        lead = x.shape[: x.ndim - self.in_dims]
+        flat = x.reshape(math.prod(lead), *in_shape)
+        contract = tuple(range(1, 1 + self.in_dims))
         y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ()))
+            flat.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ()))
         )
+        y = y.reshape(*lead, *y.shape[1:])
         if self.use_bias:
             bias = self.param(
                 "bias",
