@@ -123,7 +123,7 @@ def vlm_parts(config, batch: int, mesh, rules):
 
 
 def bench_config(name: str, repeats: int, batch: int | None, profile: bool, top: int,
-                 extra: tuple[str, ...] = ()) -> dict[str, Any]:
+                 extra: tuple[str, ...] = (), legacy: bool = False) -> dict[str, Any]:
     batch = batch or CONFIGS[name][3]
     recipe, config = load(name, batch, extra)
     mesh, rules = loop.mesh_and_rules(config)
@@ -153,6 +153,9 @@ def bench_config(name: str, repeats: int, batch: int | None, profile: bool, top:
             "temp_GiB": memory.get("temp_bytes", 0) / common.GiB, "peak_rss_GiB": common.peak_rss_bytes() / common.GiB,
             "memory": memory, "timing": timing.as_dict(),
         }
+        if legacy:
+            row.update(compare_legacy(parts, config, batch, mesh, rules, state_holder=holder, compiled=compiled,
+                                      inputs=inputs, repeats=repeats, flops=flops))
         if profile:
             from bench import xla_profile
 
@@ -169,6 +172,39 @@ def bench_config(name: str, repeats: int, batch: int | None, profile: bool, top:
     return row
 
 
+def compare_legacy(parts, config, batch, mesh, rules, *, state_holder, compiled, inputs, repeats, flops):
+    """The pre-issue-20 step (``decoder_train_legacy.legacy_paths``) and the current one, called alternately on
+    one state: their times, the speed-up (median of the per-pair ratios) and the legacy program's FLOPs and
+    memory."""
+    import statistics
+    import time
+
+    from bench import decoder_train_legacy
+
+    with decoder_train_legacy.legacy_paths():
+        old_step, old_raw, _, _, _ = parts(config, batch, mesh, rules)
+        old_flops = common.unrolled_flops(old_raw, state_holder["state"], *inputs)
+        old_compiled, _ = common.compile_timed(old_step.step_fn, state_holder["state"], *inputs)
+    old_memory = common.memory_stats(old_compiled)
+    times: dict[str, list[float]] = {"legacy": [], "current": []}
+    programs = {"legacy": old_compiled, "current": compiled}
+    for i in range(repeats + 1):  # the first pair warms the legacy program up
+        for label in (("legacy", "current") if i % 2 == 0 else ("current", "legacy")):
+            t0 = time.perf_counter()
+            state_holder["state"], metrics = programs[label](state_holder["state"], *inputs)
+            common.block(metrics)
+            times[label].append(time.perf_counter() - t0)
+    legacy_s, current_s = times["legacy"][1:], times["current"][1:]
+    ratios = [a / b for a, b in zip(legacy_s, current_s)]
+    return {"legacy_step_s": statistics.median(legacy_s), "legacy_step_s_min": min(legacy_s),
+            "paired_step_s": statistics.median(current_s), "paired_step_s_min": min(current_s),
+            "speedup": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
+            "legacy_gflop_per_step": old_flops / 1e9, "legacy_gflops": old_flops / statistics.median(legacy_s) / 1e9,
+            "paired_gflops": flops / statistics.median(current_s) / 1e9,
+            "legacy_peak_estimate_GiB": old_memory.get("peak_estimate_bytes", 0) / common.GiB,
+            "paired_times": times}
+
+
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--configs", default="t2i-tiny,t2i-1b-reduced,vlm-tiny,vlm-1b-reduced",
@@ -179,8 +215,10 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="comma-separated configs to profile per XLA op")
     parser.add_argument("--top", type=int, default=30, help="profiled ops to print")
     parser.add_argument("--label", default="", help="a tag written into every row (e.g. before / after)")
+    parser.add_argument("--compare-legacy", action="store_true",
+                        help="also time the pre-issue-20 step (bench/decoder_train_legacy.py), calls alternating")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every config, e.g. --set model.llm.scan_layers=False")
+                        help="a config override for every config, e.g. --set model.llm.remat=full")
     args = parser.parse_args()
     common.enable_compile_cache()
     names = common.config_names(parser, args.configs, CONFIGS)
@@ -188,10 +226,12 @@ def main() -> None:
     repeats = 2 if args.quick else args.repeats
     batches = {k.strip(): int(v) for k, _, v in (b.partition("=") for b in args.batch)}
 
+    load_start = os.getloadavg()[0]
     matmul_start = common.matmul_gflops()
     rows = []
     for name in names:
-        row = bench_config(name, repeats, batches.get(name), name in profiled, args.top, tuple(args.set))
+        row = bench_config(name, repeats, batches.get(name), name in profiled, args.top, tuple(args.set),
+                           args.compare_legacy)
         row["label"], row["overrides"] = args.label, args.set
         rows.append(row)
         common.print_table([row], ["config", "batch", "step_s", "examples_per_s", "gflop_per_step", "gflops"])
@@ -202,13 +242,22 @@ def main() -> None:
         row["mfu"] = row["gflops"] / rate
         row["mfu_best"] = row["gflop_per_step"] / row["step_s_min"] / rate
         row["target_mfu"] = TARGET
+        if "legacy_step_s" in row:
+            row["legacy_mfu"] = row["legacy_gflops"] / rate
+            row["paired_mfu"] = row["paired_gflops"] / rate
     print()
+    if any("legacy_step_s" in row for row in rows):
+        common.print_table(rows, ["config", "batch", "legacy_step_s", "paired_step_s", "speedup",
+                                  "legacy_gflop_per_step", "gflop_per_step", "matmul_gflops", "legacy_mfu",
+                                  "paired_mfu",
+                                  "legacy_peak_estimate_GiB", "peak_estimate_GiB"],
+                           title="before (legacy code paths) and after, alternating call by call on one state")
     common.print_table(rows, ["config", "label", "batch", "tokens", "params_M", "compile_s", "step_s", "step_s_min",
                               "examples_per_s", "tokens_per_s", "gflop_per_step", "gflops", "matmul_gflops", "mfu",
                               "mfu_best", "peak_estimate_GiB", "peak_rss_GiB"],
                        title="decoder train steps (forward + backward + AdamW), float32")
     info = common.machine_info(matmul_start)
-    info["load_average_1m_end"] = os.getloadavg()[0]
+    info["load_average_1m_start"] = load_start  # machine_info's own reading is the end's
     common.write_json("decoder_train", {"machine": info, "matmul_end": matmul_end, "rows": rows}, args.out)
 
 
