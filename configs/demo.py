@@ -39,7 +39,8 @@ def get_config(arg=None):
     ))
     # Reconstruction metrics on held-out (validation-split) shapes; no rFID (InceptionV3 at 299 px is the
     # slowest part of an evaluation on CPU and means little for flat synthetic shapes).
-    config.tokenizer_eval = config_lib.ConfigDict(dict(num_images=256, batch_size=32, grid_images=8))
+    # semantic=True adds the semantic features' cosine to the teacher (the ablation studies read it).
+    config.tokenizer_eval = config_lib.ConfigDict(dict(num_images=256, batch_size=32, grid_images=8, semantic=False))
     config.tokenize = config_lib.ConfigDict(dict(num_images=10_000))
     config.t2i = config_lib.ConfigDict(dict(config="configs/t2i.py:tiny", num_steps=900, checkpoint_every=100,
                                         overrides=("--config.optim.lr=1.5e-3",)))

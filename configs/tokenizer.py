@@ -43,6 +43,7 @@ def quantizer(codebook_size, scales):
     return config_lib.ConfigDict(dict(
         codebook_size=codebook_size, semantic_dim=32, pixel_dim=8, scales=tuple(scales),
         w_dis=1.0,               # shared-mapping weight of the pixel distance (paper Table 11, VectorQuantizer)
+        mapping="shared",        # or 'separate' (two argmins) / 'pixel_only' (ablations; models/quantizer.py)
         beta=0.25,               # commitment weight (training script and paper)
         entropy_weight=0.0, entropy_temperature=0.01,
         scale_drop_prob=0.1,     # training only: drop one scale (never the first) per forward

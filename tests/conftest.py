@@ -14,6 +14,16 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 if "collective_call_terminate" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=600"
                                 " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+# The suite is dominated by XLA:CPU compiles of small programs run for a few steps, and LLVM's optimisation
+# passes are most of each compile: at level 0 without the expensive passes a trainer test compiles ~2x
+# faster, while the tiny arrays it runs on barely notice slower code. Only the code generator changes, not
+# the HLO (same fusions, same operations, no fast-math either way): results can differ from default builds
+# by float rounding at most, and every comparison in a test runs under the same flags. Set
+# TOKENFLOW_TEST_FULL_LLVM_OPT=1 to test with XLA's default optimisation instead.
+if not os.environ.get("TOKENFLOW_TEST_FULL_LLVM_OPT"):
+    for flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"):
+        if flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+            os.environ["XLA_FLAGS"] += " " + flag
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

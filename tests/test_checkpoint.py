@@ -37,3 +37,37 @@ def test_async_saves_in_a_relative_workdir_keep_n_and_restore(tmp_path, monkeypa
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"params/w: expected shape \(\d+,.*\), found"):
         ckpt.restore(3, *wrong, None)
     ckpt.close()
+
+
+def test_a_state_saved_on_the_222_mesh_restores_onto_one_device_and_back(tmp_path, mesh222):
+    """What a trainer's resume on another mesh shape needs (the end-to-end tokenizer run is in the slow tier):
+    arrays saved sharded over (fsdp, tensor) come back whole on one device, and one device's save comes back
+    resharded over the 8 devices, values exact."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    split = NamedSharding(mesh222, PartitionSpec("fsdp", "tensor"))
+    values = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    variables = {"params": {"w": jax.device_put(values, split)}}
+    rest = {"step": jnp.asarray(7, jnp.int32)}
+    ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "a"), keep=1)
+    ckpt.save(7, variables, rest, None, {"recipe": "test"}, force=True)
+    ckpt.close()
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = lambda sharding: ({"params": {"w": jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=sharding)}},  # noqa: E731
+                               {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=one)})
+    ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "a"), keep=1)
+    got, got_rest = ckpt.restore(7, *target(one), None)
+    ckpt.close()
+    assert got["params"]["w"].sharding == one and int(got_rest["step"]) == 7
+    np.testing.assert_array_equal(np.asarray(got["params"]["w"]), values)
+
+    ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "b"), keep=1)
+    ckpt.save(7, got, got_rest, None, {"recipe": "test"}, force=True)
+    ckpt.close()
+    ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "b"), keep=1)
+    back, _ = ckpt.restore(7, *target(split), None)
+    ckpt.close()
+    assert back["params"]["w"].sharding == split
+    assert back["params"]["w"].addressable_shards[0].data.shape == (4, 3)
+    np.testing.assert_array_equal(np.asarray(back["params"]["w"]), values)

@@ -19,6 +19,8 @@ VARIANTS = (
     "configs/vlm.py:tiny", "configs/vlm.py:vicuna13b", "configs/vlm.py:qwen14b,stage=1",
     "configs/unified.py:tiny", "configs/unified.py:7b", "configs/unified.py:14b",
     "configs/demo.py",
+    "configs/ablations.py:w_dis", "configs/ablations.py:codebook_size", "configs/ablations.py:mapping",
+    "configs/ablations.py:scales", "configs/ablations.py:smoke",
 )
 
 

@@ -19,6 +19,7 @@
     tokenflow-jax export --checkpoint DIR --out tokenflow.pt        (t2i / VLM checkpoints: --out FOLDER)
     tokenflow-jax compile --config configs/t2i.py:7b --topology v5p-256     (AOT for a TPU slice, on any CPU machine)
     tokenflow-jax demo --workdir DIR       (the whole system on built-in data, ~18 min on 2 CPU cores)
+    tokenflow-jax sweep --config configs/ablations.py:w_dis --workdir DIR [--point I]   (a study: table and plots)
 
 Multi-process launches (TPU pods, SLURM, launch/local_multiprocess.sh) are detected from the environment, or
 given with --coordinator HOST:PORT --num-processes N --process-id I before the command (tokenflow_jax/distributed.py).
@@ -28,8 +29,8 @@ config is loaded and validated (every field's range, tokenflow_jax/config_rules.
 built or compiled.
 
 Exit status: 0 done; 2 a user error (a bad config field, file, checkpoint or dataset; one line ``error: ...``);
-143 a `train` or `demo` stopped before its last step by SIGTERM or a cluster preemption notice, after saving its
-checkpoint (130 for Ctrl-C): run the same command again and it resumes. 1 with a traceback is a bug.
+143 a `train`, `demo` or `sweep` stopped before its last step by SIGTERM or a cluster preemption notice, after saving
+its checkpoint (130 for Ctrl-C): run the same command again and it resumes. 1 with a traceback is a bug.
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def cmd_eval(args, overrides) -> int:
 
     config = _load_config(args.config, overrides, args.checkpoint)
     return tokenizer_eval.run(config, args.checkpoint, args.out, args.num_images, args.batch_size,
-                              with_fid=not args.no_fid)
+                              with_fid=not args.no_fid, with_semantic=args.semantic)
 
 
 def cmd_tokenize(args, overrides) -> int:
@@ -203,6 +204,16 @@ def cmd_demo(args, overrides) -> int:
     return demo.run(_load_config(args.config, overrides), args.workdir)
 
 
+def cmd_sweep(args, overrides) -> int:
+    from tokenflow_jax.apps import sweep
+
+    config = _load_config(args.config, overrides)
+    if config.get("recipe") != "sweep":
+        raise ConfigError(f"--config {args.config!r} is a {config.get('recipe')!r} config; sweep takes a study, e.g. "
+                          "configs/ablations.py:w_dis")
+    return sweep.run(config, args.workdir, args.point)
+
+
 def cmd_compile(args, overrides) -> int:
     from tokenflow_jax.apps import compile as aot
 
@@ -238,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, help="default config.eval.num_images")
     p.add_argument("--batch-size", type=int, help="global batch, default config.eval.batch_size")
     p.add_argument("--no-fid", action="store_true", help="skip rFID (InceptionV3 is ~6 GFLOP per image)")
+    p.add_argument("--semantic", action="store_true", help="also the semantic features' cosine to the config's "
+                                                           "teacher (loads config.teacher)")
     p.add_argument("--out", help="JSON output (default CHECKPOINT/eval.json)")
     p.set_defaults(fn=cmd_eval)
 
@@ -319,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="every stage's run, the images and report.md go here")
     p.add_argument("--config", default="configs/demo.py", help="demo config FILE (default configs/demo.py)")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("sweep", help="run a study's points (configs/ablations.py:NAME), each a resumable demo-style "
+                                     "run, then DIR/results.json, results.md and plots; re-running continues")
+    p.add_argument("--config", required=True, help="study FILE:NAME, e.g. configs/ablations.py:w_dis")
+    p.add_argument("--workdir", required=True, help="DIR/points/<name> per point, the table and plots in DIR")
+    p.add_argument("--point", type=int, help="run point I alone (0-based), e.g. one per cluster job")
+    p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("compile", help="compile a config's train step (or sampler) for a TPU slice on this machine: "
                                        "mesh, per-device HBM, FLOPs; exit 1 when it does not fit")

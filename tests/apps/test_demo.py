@@ -1,6 +1,10 @@
 """The quick-start demo end to end at toy sizes: every stage runs through the real recipes, the report holds
 each figure with its chance level, an interrupted run continues without redoing finished stages, and the
-terminal table is printed. (The full-size demo's figures are in the README; it takes ~20 min.)"""
+terminal table is printed. (The full-size demo's figures are in the README; it takes ~20 min.)
+
+The toy run compiles every stage's programs (~4-7 min on a 2-core machine), so its tests are in the slow tier; the
+fast tier checks the stage bookkeeping with stand-in stages, and each stage's recipe has its own fast tests
+(tests/recipes), as does the sweep, which runs the same stages (tests/apps/test_sweep.py)."""
 import json
 import os
 
@@ -41,6 +45,7 @@ def toy_demo(tmp_path_factory):
     return workdir, first, after_first
 
 
+@pytest.mark.slow
 def test_an_interrupted_demo_continues_where_it_stopped(toy_demo):
     workdir, first, after_first = toy_demo
     assert first == 130
@@ -51,6 +56,7 @@ def test_an_interrupted_demo_continues_where_it_stopped(toy_demo):
     assert demo.load_record(workdir, "vqa")["done"]
 
 
+@pytest.mark.slow
 def test_every_stage_ran_its_recipe(toy_demo):
     workdir = toy_demo[0]
     from tokenflow_jax import checkpoint
@@ -65,6 +71,7 @@ def test_every_stage_ran_its_recipe(toy_demo):
     assert demo.tokenizer_checkpoint(workdir) in json.dumps(t2i_meta)
 
 
+@pytest.mark.slow
 def test_report_gives_each_figure_with_its_chance_level(toy_demo):
     workdir = toy_demo[0]
     records = {s.name: demo.load_record(workdir, s.name) for s in demo.STAGES}
@@ -100,3 +107,35 @@ def test_a_stopped_stage_exits_with_its_code_and_keeps_the_finished_ones(tmp_pat
     assert demo.run(config_lib.ConfigDict(), str(tmp_path)) == exit_code
     assert demo.load_record(str(tmp_path), "first")["done"] and not demo.load_record(str(tmp_path), "second")["done"]
     assert "stopped in stage 'second'" in capsys.readouterr().out
+
+
+def test_a_rerun_runs_only_the_unfinished_stages_and_keeps_their_time(tmp_path, monkeypatch):
+    """Stand-in stages: the first run finishes 'first' and is stopped in 'second'; the rerun calls 'second' and
+    'third' only, adds the stopped attempt's seconds to 'second', and writes the report from all three records."""
+    calls = []
+
+    def stage(name, fail=None):
+        def run(*_):
+            calls.append(name)
+            if fail and fail():
+                raise KeyboardInterrupt
+            return {"name": name}
+        return demo.Stage(name, name, run)
+
+    second_fails = iter([True, False])
+    monkeypatch.setattr(demo, "STAGES", (stage("first"), stage("second", lambda: next(second_fails)),
+                                         stage("third")))
+    monkeypatch.setattr(demo_report, "markdown", lambda records, _: "report of " + ",".join(records))
+    monkeypatch.setattr(demo_report, "terminal_table", lambda records: "")
+    workdir = str(tmp_path)
+    assert demo.run(config_lib.ConfigDict(), workdir) == 130
+    stopped_seconds = demo.load_record(workdir, "second")["seconds"]
+    assert calls == ["first", "second"] and stopped_seconds >= 0
+    first_record = demo.load_record(workdir, "first")
+    assert demo.run(config_lib.ConfigDict(), workdir) == 0
+    assert calls == ["first", "second", "second", "third"]
+    assert demo.load_record(workdir, "first") == first_record
+    second = demo.load_record(workdir, "second")
+    assert second["done"] and second["seconds"] >= stopped_seconds
+    assert demo.load_record(workdir, "third")["results"] == {"name": "third"}
+    assert open(os.path.join(workdir, "report.md")).read() == "report of first,second,third"

@@ -169,6 +169,9 @@ def test_converted_model_reproduces_the_official_forward(release, converted):
     assert rel_err(ours, ref) < 1e-5
 
 
+# Slow tier: the fast tier checks the converted model's forward against the official one (above) and the
+# generate command on a checkpoint (tests/recipes/t2i/test_sample.py).
+@pytest.mark.slow
 def test_generate_with_the_converted_checkpoint_is_greedy_under_the_official_forward(release, converted, tmp_path):
     """CFG 0, one greedy pass: every generated code is the official model's argmax given the codes before it."""
     folder, state, vocab = release

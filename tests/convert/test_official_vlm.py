@@ -116,6 +116,9 @@ def test_converted_vlm_reproduces_llava_qwen(release, converted):
     assert rel_err(ours, _llava_logits(model, projector, ids, features)) < 1e-4
 
 
+# Slow tier: the fast tier checks the converted model's logits against transformers (above) and the chat
+# command on a checkpoint (tests/recipes/vlm/test_train.py).
+@pytest.mark.slow
 def test_chat_with_the_converted_checkpoint_answers_as_hf_greedy(release, converted, tmp_path, capsys):
     """``chat`` streams the answer that transformers' greedy decoding of LLaVA-Qwen gives."""
     _, model, projector, _ = release

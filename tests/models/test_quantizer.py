@@ -163,7 +163,7 @@ def _partial_sum(module, v, h, n):
         final = m.config.scales[-1]
         residual, acc = h, jnp.zeros_like(h)
         for s in m.config.scales[:n]:
-            out = m.quantize_scale(resize.area_resize(residual, (s, s)), False)
+            out = m.quantize_scale(resize.area_resize(residual, (s, s)))
             up = resize.bicubic_resize(out["q"], (final, final))
             acc, residual = acc + up, residual - up
         return acc

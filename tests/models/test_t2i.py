@@ -149,15 +149,17 @@ def test_extended_head_is_the_vq_slice_of_the_lm_head_and_the_loss_normalises_ov
     assert float(t2i.image_loss(image, jnp.asarray(indices))) < float(loss)  # K-way softmax: smaller
 
 
-@pytest.mark.parametrize("head, block_order", [
-    ("separate", "pre_norm"), ("extended", "pre_norm"),
-    ("extended", "post_sublayer_norm"),  # the released t2i decoder: extended vocabulary, post-sublayer norms
-])
-@pytest.mark.parametrize("top_k, top_p, cfg_scale", [
-    ((20, 6, 1), (0.8, 0.8, 0.0), 3.0),
-    ((1,), (0.0,), 1.5),
-    ((1, 1, 1), (0.0, 0.0, 0.0), 0.0),  # greedy refinements: every pass's input must be exactly right
-])
+_MODEL_FORMS = [("separate", "pre_norm"), ("extended", "pre_norm"),
+                ("extended", "post_sublayer_norm")]  # the released t2i decoder: extended vocabulary, post-norms
+_SCHEDULES = [((20, 6, 1), (0.8, 0.8, 0.0), 3.0), ((1,), (0.0,), 1.5),
+              ((1, 1, 1), (0.0, 0.0, 0.0), 0.0)]  # greedy refinements: every pass's input must be exactly right
+
+
+# Each (model form, schedule) pair compiles two samplers (~1 min). The fast tier runs the three diagonal pairs,
+# so every model form and every schedule is checked once; the six others are in the slow tier.
+@pytest.mark.parametrize("head, block_order, top_k, top_p, cfg_scale", [
+    pytest.param(*form, *schedule, marks=() if i == j else pytest.mark.slow)
+    for i, form in enumerate(_MODEL_FORMS) for j, schedule in enumerate(_SCHEDULES)])
 def test_cached_sampler_equals_full_recompute(head, block_order, top_k, top_p, cfg_scale):
     # Scales up to 6, width 64, K = 1024: a refinement pass fed the previous pass's draft on top of the
     # current one (a bug this test once missed at width 32, scales up to 4, K = 48) changes codes here.

@@ -116,7 +116,8 @@ def stage_tokenizer_eval(demo, workdir: str) -> dict[str, Any]:
 
     config, ckpt, e = tokenizer_config(demo), tokenizer_checkpoint(workdir), demo.tokenizer_eval
     out = os.path.join(workdir, "tokenizer_eval.json")
-    tokenizer_eval.run(config, ckpt, out, e.num_images, e.batch_size, with_fid=False)
+    tokenizer_eval.run(config, ckpt, out, e.num_images, e.batch_size, with_fid=False,
+                       with_semantic=bool(e.get("semantic", False)))
     results = json.load(open(out))
     # Yardstick: an image of the plain background (every pixel of the scene's grey) as the "reconstruction".
     size = config.model.image_size
@@ -241,17 +242,15 @@ def save_record(workdir: str, name: str, record: dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def run(demo, workdir: str) -> int:
-    """Runs every unfinished stage, then writes the report. Returns 0 when done; when a stage was stopped, after
-    saving what it can (a trainer its checkpoint): 143 for SIGTERM or a preemption notice, 130 for Ctrl-C."""
+def run_stages(demo, workdir: str, stages: tuple[Stage, ...], label: str = "demo") -> int:
+    """Runs every unfinished stage of ``stages`` in ``workdir`` (records in ``workdir/stages/``), in order. Returns
+    0 when all are done; when one was stopped, after saving what it can (a trainer its checkpoint): 143 for SIGTERM
+    or a preemption notice, 130 for Ctrl-C. ``label`` prefixes the progress lines ("demo", a sweep's point)."""
 
-    if jax.process_count() > 1:
-        raise ConfigError("the demo is a single-process run; launch the recipes themselves on several hosts")
-    logs.make_workdir(workdir)  # a ConfigError naming it when it is a file
     os.makedirs(os.path.join(workdir, STAGES_DIR), exist_ok=True)
-    for number, stage in enumerate(STAGES, 1):
+    for number, stage in enumerate(stages, 1):
         record = load_record(workdir, stage.name)
-        header = f"[demo {number}/{len(STAGES)}] {stage.name}: {stage.description}"
+        header = f"[{label} {number}/{len(stages)}] {stage.name}: {stage.description}"
         if record["done"]:
             print(f"{header}: done in an earlier run ({record['seconds']:.0f} s)", flush=True)
             continue
@@ -263,7 +262,7 @@ def run(demo, workdir: str) -> int:
             record["seconds"] += time.time() - start
             save_record(workdir, stage.name, record)
             saved = " (its checkpoint is saved)" if isinstance(stop, loop.Stopped) else ""
-            print(f"\n[demo] stopped in stage {stage.name!r}{saved}; run the same command again to continue",
+            print(f"\n[{label}] stopped in stage {stage.name!r}{saved}; run the same command again to continue",
                   flush=True)
             return stop.exit_code if isinstance(stop, loop.Stopped) else 130
         except BaseException:
@@ -272,7 +271,20 @@ def run(demo, workdir: str) -> int:
             raise
         record = {"done": True, "seconds": record["seconds"] + time.time() - start, "results": results}
         save_record(workdir, stage.name, record)
-        print(f"[demo {number}/{len(STAGES)}] {stage.name}: done in {record['seconds']:.0f} s", flush=True)
+        print(f"[{label} {number}/{len(stages)}] {stage.name}: done in {record['seconds']:.0f} s", flush=True)
+    return 0
+
+
+def run(demo, workdir: str) -> int:
+    """Runs every unfinished stage, then writes the report. Returns 0 when done; when a stage was stopped, after
+    saving what it can (a trainer its checkpoint): 143 for SIGTERM or a preemption notice, 130 for Ctrl-C."""
+
+    if jax.process_count() > 1:
+        raise ConfigError("the demo is a single-process run; launch the recipes themselves on several hosts")
+    logs.make_workdir(workdir)  # a ConfigError naming it when it is a file
+    stopped = run_stages(demo, workdir, STAGES)
+    if stopped:
+        return stopped
     records = {stage.name: load_record(workdir, stage.name) for stage in STAGES}
     report = demo_report.markdown(records, demo)
     with open(os.path.join(workdir, "report.md"), "w") as f:

@@ -63,10 +63,12 @@ def feature_shape(tok_config, kind: str) -> tuple[int, int]:
 
 def visual_features(tok_model: tokenizer_lib.TokenFlow, tok_vars: Any, images: jax.Array, kind: str) -> jax.Array:
     """Frozen tokenizer features of images [B, H, W, 3] in [-1, 1] -> float32 [B, T, C] (no gradient)."""
-    features, _, indices = tok_model.apply(tok_vars, images, method=tokenizer_lib.TokenFlow.encode)
+    features, aux, indices = tok_model.apply(tok_vars, images, method=tokenizer_lib.TokenFlow.encode)
     b = images.shape[0]
     if kind == "all_scales":
-        out = tok_model.apply(tok_vars, indices, method=lambda m, i: m.quantizer.lookup(i))  # [B, N, C]
+        semantic = aux.quantizer.get("semantic_indices")  # mapping 'separate': the semantic half's own indices
+        out = tok_model.apply(tok_vars, indices, semantic,
+                              method=lambda m, i, s: m.quantizer.lookup(i, s))  # [B, N, C]
     else:
         out = features.reshape(b, -1, features.shape[-1])
         if kind == "final_semantic":

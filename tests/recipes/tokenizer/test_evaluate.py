@@ -53,3 +53,35 @@ def test_eval_command_matches_an_independent_computation(tmp_path, capsys):
     per_scale = [len(np.unique(indices[:, a:b])) / k for a, b in zip(bounds[:-1], bounds[1:])]
     assert [results["codebook_usage_per_scale"][f"scale_{s}"] for s in (1, 2, 4)] == per_scale
     assert results["codebook_usage"] == len(np.unique(indices)) / k
+
+
+def test_perplexity_per_scale_and_semantic_cosine_match_a_direct_computation():
+    """Per scale: codes used and exp(entropy) of the code histogram counted by hand; the semantic decoder's
+    features against the teacher's, cosine per token averaged by hand."""
+    from collections import Counter
+
+    from tokenflow_jax.recipes.tokenizer import teacher as teacher_lib
+
+    config = config_lib.apply_overrides(config_lib.load_config("configs/tokenizer.py:tiny"), SMALL)
+    model, variables = frozen.load_tokenizer(config, None, seed=0)  # evaluate's random weights without a checkpoint
+    results = tokenizer_eval.evaluate(config, None, NUM_IMAGES, 4, with_fid=False, with_semantic=True)
+
+    data = tokenizer_eval.eval_data_config(config, NUM_IMAGES)
+    images = np.concatenate([b["image"][b["valid"]] for b in pipeline.make_dataset(
+        data, global_batch_size=4, process_index=0, process_count=1, seed=config.seed, train=False)])[:NUM_IMAGES]
+    semantic, _, _, _, indices = jax.jit(model.apply)(variables, images)
+    indices = np.asarray(indices)
+    for s, (a, b) in zip((1, 2, 4), [(0, 1), (1, 5), (5, 21)]):
+        counts = np.array(list(Counter(indices[:, a:b].ravel().tolist()).values()), float)
+        p = counts / counts.sum()
+        assert results["codes_used_per_scale"][f"scale_{s}"] == len(counts)
+        np.testing.assert_allclose(results["codebook_perplexity_per_scale"][f"scale_{s}"],
+                                   np.exp(-(p * np.log(p)).sum()), rtol=1e-9)
+    assert results["codebook_perplexity_per_scale"]["scale_4"] > 1.0  # a random tokenizer spreads its codes
+
+    teacher_config = teacher_lib.teacher_config(config)
+    target = np.asarray(teacher_lib.SemanticTeacher(teacher_config).apply(
+        {"params": teacher_lib.load_teacher_params(config, teacher_config)}, images), np.float64)
+    pred = np.asarray(semantic, np.float64)
+    cosine = (pred * target).sum(-1) / (np.linalg.norm(pred, axis=-1) * np.linalg.norm(target, axis=-1))
+    np.testing.assert_allclose(results["semantic_cosine"], cosine.mean(), rtol=1e-4)

@@ -56,6 +56,8 @@ def test_few_steps_on_the_222_mesh_loss_finite_and_decreasing(tmp_path):
     assert checkpoint.latest_step(str(tmp_path / "checkpoints")) == 6
 
 
+# Slow tier (40 steps, ~2 min): the fast tier's 222-mesh run checks that the loss falls.
+@pytest.mark.slow
 def test_overfitting_one_batch_gains_psnr(tmp_path):
     config = small_config("data.num_examples=8", "train.num_steps=40", "optim.lr=2e-3", "loss.disc_start=1000")
     trainer.train(config, str(tmp_path))
@@ -117,6 +119,9 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])  # bit for bit on CPU
 
 
+# Slow tier (two compiles of the step): tests/test_checkpoint.py restores a 222-mesh save onto one device
+# and back in the fast tier.
+@pytest.mark.slow
 def test_resume_on_a_different_mesh_shape(tmp_path):
     workdir = str(tmp_path)
     trainer.train(small_config("mesh.num_devices=0", "mesh.shape=(2, 2, 2)", "train.num_steps=2"), workdir)

