@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import worker_protocol  # bench/ (this script's folder) is on sys.path: the standard library only
 from torch import nn
 
 COMMIT = "9812da01c0695f4989060cc4eea053715e9e4441"
@@ -220,20 +221,11 @@ def main() -> None:
     if args.site:
         sys.path.insert(0, args.site)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
-    protocol = sys.stdout
     worker = Worker(args.official)
     import transformers
 
-    print(json.dumps({"ready": True, "torch": torch.__version__, "transformers": transformers.__version__,
-                      "threads": torch.get_num_threads(), "official_commit_measured": COMMIT}), file=protocol,
-          flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        request = json.loads(line)
-        if request.get("quit"):
-            break
-        print(json.dumps(worker.run(request)), file=protocol, flush=True)
+    worker_protocol.serve({"ready": True, "torch": torch.__version__, "transformers": transformers.__version__,
+                           "threads": torch.get_num_threads(), "official_commit_measured": COMMIT}, worker.run)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ call order).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import common  # noqa: E402
+from bench import common, worker_protocol  # noqa: E402
 from tokenflow_jax.convert import llm as convert_llm  # noqa: E402
 from tokenflow_jax.convert import official_t2i  # noqa: E402
 from tokenflow_jax.models import t2i, t2i_sampler, transformer  # noqa: E402
@@ -141,18 +140,8 @@ class Worker:
 def main() -> None:
     common.enable_compile_cache()
     worker = Worker()
-    protocol = sys.stdout
-    print(json.dumps({"ready": True, "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}),
-          file=protocol, flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        request = json.loads(line)
-        if request.get("quit"):
-            break
-        with contextlib.redirect_stdout(sys.stderr):
-            answer = worker.run(request)
-        print(json.dumps(answer), file=protocol, flush=True)
+    worker_protocol.serve({"ready": True, "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]},
+                          worker.run)
 
 
 if __name__ == "__main__":

