@@ -29,7 +29,7 @@ from bench import common, hlo_ops, models  # noqa: E402
 
 
 def trace_events(fn, *args) -> tuple[list[dict[str, Any]], float]:
-    """(complete events of one traced call, wall seconds of that call)."""
+    """(complete events of one traced call ``fn(*args)``, wall seconds of that call)."""
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             t0 = time.perf_counter()
@@ -47,13 +47,20 @@ def profile(built: models.Built, op: str, batch: int, repeats: int) -> tuple[lis
     x = (models.images(batch, built.image_size) if op == "encode"
          else models.features(batch, built.grid, built.code_dim))
     compiled = jax.jit(fn).lower(built.variables, x).compile()
-    infos = hlo_ops.describe(compiled.as_text())
     common.block(compiled(built.variables, x))
+    return op_times(compiled.as_text(), lambda: compiled(built.variables, x), repeats)
+
+
+def op_times(hlo_text: str, call, repeats: int) -> tuple[list[dict[str, Any]], float]:
+    """(one row per XLA op: kind, calls, ms per call of ``call``, GFLOP/s, what it computes; the least wall
+    seconds of the traced calls). ``call()`` runs the compiled program whose optimised HLO is ``hlo_text``
+    once (it may thread donated state between calls); warm it up first."""
+    infos = hlo_ops.describe(hlo_text)
     totals: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
     walls = []
     for _ in range(repeats):
-        events, wall = trace_events(compiled, built.variables, x)
+        events, wall = trace_events(call)
         walls.append(wall)
         for e in events:
             totals[e["args"]["hlo_op"]] += e["dur"] / 1e6 / repeats

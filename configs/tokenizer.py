@@ -148,6 +148,11 @@ def get_config(arg=None):
         frozen=(),            # regexes never trained
         keep_checkpoints=3, async_checkpoints=True, preview_images=8, **train,
     ))
+    # Used when optim.schedule='cosine' (constant ignores them): the decay follows train.num_steps (a derived
+    # reference, so overriding optim.decay_steps replaces that field alone) down to min_lr_ratio * lr.
+    for optim in (config.optim, config.disc_optim):
+        optim.decay_steps = config.train.get_ref("num_steps") + 0
+        optim.min_lr_ratio = 0.0
 
     # `tokenflow-jax eval`: the reference protocol on config.data's evaluation split (ImageNet val 50k).
     config.eval = config_lib.ConfigDict(dict(

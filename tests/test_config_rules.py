@@ -143,3 +143,17 @@ def test_the_vlm_schedule_follows_train_num_steps():
     one = config_lib.build_config("configs/vlm.py:tiny", ["--config.train.num_steps=1"])
     assert (one.optim.decay_steps, one.optim.warmup_steps) == (1, 1)
     assert [float(optim.learning_rate_schedule(one.optim)(s)) for s in (0, 1, 5)] == [0.0, 0.0, 0.0]
+
+
+def test_a_cosine_tokenizer_schedule_decays_over_its_run():
+    # Both optimisers (generator and discriminator) follow train.num_steps unless decay_steps is set.
+    config = config_lib.build_config("configs/tokenizer.py:tiny", [
+        "--config.train.num_steps=200", "--config.optim.schedule=cosine", "--config.optim.warmup_steps=10"])
+    assert (config.optim.decay_steps, config.disc_optim.decay_steps) == (200, 200)
+    schedule = optim.learning_rate_schedule(config.optim)
+    assert float(schedule(10)) == pytest.approx(config.optim.lr)
+    assert float(schedule(105)) == pytest.approx(config.optim.lr / 2, rel=1e-3)  # halfway through the decay
+    assert float(schedule(200)) == pytest.approx(0.0, abs=1e-12)
+    # The constant default ignores the cosine fields.
+    default = optim.learning_rate_schedule(config_lib.build_config("configs/tokenizer.py:tiny").optim)
+    assert float(default(0)) == float(default(10_000)) == pytest.approx(1e-3)

@@ -4,13 +4,14 @@ RMSNorm in float32 (``x * rsqrt(mean(x^2) + eps)``, cast back to the input dtype
 rotate-half RoPE with ``inv_freq = 1 / theta^(arange(0, d, 2) / d)`` in float32; grouped-query softmax
 attention with float32 logits and softmax; masks and HF's position ids for left-padded batches.
 
-Masks: ``True`` / 0 = attend. Boolean masks become 0 / ``MASK_VALUE`` biases; float masks are additive
+Masks: ``True`` / 0 = attend. Boolean masks set masked logits to ``MASK_VALUE``; float masks are additive
 (0 / ``finfo.min``, as HF's 4-D masks) and the biased logits are clamped at ``finfo(float32).min``, so a
 fully masked row (a left-padding query) stays finite instead of producing NaNs.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -63,27 +64,47 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.
 
     Args:
       q: [B, Lq, H, Dh]; k, v: [B, Lk, K, Dh] with H % K == 0 (query head h uses kv head h // (H / K)).
-      bias: float32 additive bias [B or 1, H or 1, Lq, Lk] (0 = attend, ``MASK_VALUE`` = masked).
+      bias: a boolean mask (True = attend) or a float32 additive bias (0 = attend, ``MASK_VALUE`` = masked),
+        [B or 1, H or 1, Lq, Lk] (:func:`mask_to_bias`).
     Returns:
       [B, Lq, H, Dh] in v's dtype.
+
+    Layout: q, k and v are transposed to [B, K, (G *) L, Dh] first, so both matmuls produce and consume the
+    scores [B, K, G * Lq, Lk] in their natural order; written on [B, L, K, G, Dh] directly, XLA transposes the
+    score tensor, G * Lq * Lk per kv head and much larger than q, k or v, in the forward and the backward pass.
+    A boolean mask selects ``MASK_VALUE`` where the bias would add it (the same logits: ``x + MASK_VALUE``
+    rounds to ``MASK_VALUE`` for any |x| far below its ulp), and its gradient needs only the mask, where
+    ``maximum(x + bias, MASK_VALUE)`` keeps the biased logits of every layer for the backward pass.
     """
     b, lq, h, dh = q.shape
     kv_heads = k.shape[2]
     groups = h // kv_heads
-    q = q.reshape(b, lq, kv_heads, groups, dh)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * (dh**-0.5)
+    lk = k.shape[1]
+    # [B, K, G * Lq, Dh]: one query axis, so the backward products dK = dS^T Q and dV = W^T dO contract a single
+    # axis (XLA transposes the score-sized operand of a dot that contracts two).
+    q = q.reshape(b, lq, kv_heads, groups, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * lq, dh)
+    k = k.transpose(0, 2, 1, 3)  # [B, K, Lk, Dh]
+    v = v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (dh**-0.5)
+    logits = logits.reshape(b, kv_heads, groups, lq, lk)
     if bias.shape[1] == 1:
         bias = bias[:, :, None]  # [B, 1, 1, Lq, Lk]
     else:
         bias = bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
-    logits = jnp.maximum(logits + bias, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v)
-    return out.reshape(b, lq, h, dh)
+    if bias.dtype == jnp.bool_:
+        logits = jnp.where(bias, logits, MASK_VALUE)
+    else:
+        logits = jnp.maximum(logits + bias, MASK_VALUE)
+    # softmax on the [B, K, G * Lq, Lk] view the second matmul reads: its output is then one residual, not two
+    weights = jax.nn.softmax(logits.reshape(b, kv_heads, groups * lq, lk), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).reshape(b, kv_heads, groups, lq, dh)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, dh)
 
 
 def mask_to_bias(mask: jax.Array, batch: int, heads: int, lq: int, lk: int) -> jax.Array:
-    """A boolean (True = attend) or additive float mask -> float32 bias [B or 1, H or 1, Lq, Lk].
+    """A boolean (True = attend) or additive float mask -> the ``bias`` of :func:`attention`, [B or 1, H or 1,
+    Lq, Lk]: boolean masks stay boolean (``attention`` selects ``MASK_VALUE`` where they are False), float masks
+    become float32.
 
     Accepted shapes: [B, Lq, Lk] or [B, 1 or H, Lq, Lk] (B may be 1).
     """
@@ -97,7 +118,7 @@ def mask_to_bias(mask: jax.Array, batch: int, heads: int, lq: int, lk: int) -> j
             f"got shape {mask.shape}"
         )
     if mask.dtype == jnp.bool_:
-        return jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
+        return mask
     return mask.astype(jnp.float32)
 
 
@@ -151,10 +172,15 @@ class Linear(nn.Module):
             if len(self.features) != 1 or self.use_bias:
                 raise ValueError(f"Linear: columns needs one output axis and no bias, got features {self.features}")
             kernel = jax.lax.slice_in_dim(kernel, columns[0], columns[0] + columns[1], axis=kernel.ndim - 1)
-        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+        # The leading axes flattened to one ([B, L, ...] -> [B * L, ...], free for a contiguous array): the weight
+        # gradient x^T dy then contracts a single axis; contracting B and L, XLA's CPU dot first transposes dy.
+        lead = x.shape[: x.ndim - self.in_dims]
+        flat = x.reshape(math.prod(lead), *in_shape)
+        contract = tuple(range(1, 1 + self.in_dims))
         y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ()))
+            flat.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ()))
         )
+        y = y.reshape(*lead, *y.shape[1:])
         if self.use_bias:
             bias = self.param(
                 "bias",

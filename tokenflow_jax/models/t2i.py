@@ -48,6 +48,7 @@ from tokenflow_jax.models import transformer
 from tokenflow_jax.models.llm_layers import Linear
 from tokenflow_jax.models.projector import Projector
 from tokenflow_jax.ops import resize
+from tokenflow_jax.ops.cross_entropy import softmax_cross_entropy
 
 HEADS = ("separate", "extended")
 
@@ -283,9 +284,7 @@ def image_nll(logits: jax.Array, indices: jax.Array, offset: int = 0) -> jax.Arr
     logits [B, N, K] with indices [B, N] in [0, K); or full-vocabulary logits [B, N, V] with
     ``offset`` = ``image_token_start`` (the target id of code i is offset + i).
     """
-    targets = indices + offset
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return softmax_cross_entropy(logits, indices + offset)
 
 
 def image_loss(logits: jax.Array, indices: jax.Array, offset: int = 0) -> jax.Array:

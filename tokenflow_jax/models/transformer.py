@@ -233,7 +233,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, bias, cache):
-        """x [B, L, D]; cos, sin [B, L, Dh]; bias [B|1, H|1, L, Lk] float32.
+        """x [B, L, D]; cos, sin [B, L, Dh]; bias [B|1, H|1, L, Lk], a boolean mask or a float32 additive bias.
 
         cache: None (keys = this block's L tokens, Lk = L) or (k_all, v_all, layer, index) with
         k_all, v_all [depth, B, S, K, Dh]: this layer's new keys/values are written at slots

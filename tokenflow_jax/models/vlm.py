@@ -29,6 +29,7 @@ from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import tokenizer as tokenizer_lib
 from tokenflow_jax.models import transformer
 from tokenflow_jax.models.projector import Projector
+from tokenflow_jax.ops.cross_entropy import softmax_cross_entropy
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id; data/conversation.py writes it, the model replaces it
 FEATURES = ("final", "final_semantic", "all_scales")
@@ -168,6 +169,5 @@ def token_nll(logits: jax.Array, labels: jax.Array, ignore_index: int = -100) ->
     """
     targets = labels[:, 1:]
     weight = (targets != ignore_index).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-    return -picked * weight, weight
+    nll = softmax_cross_entropy(logits[:, :-1], jnp.maximum(targets, 0))
+    return nll * weight, weight
