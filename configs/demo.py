@@ -3,7 +3,7 @@
 One run trains the `tiny` tokenizer on the procedural shapes set, tokenizes the set, trains the `tiny`
 text-to-image model and the `tiny` VLM on those tokens and features, and evaluates each (reconstruction
 quality, ShapesEval for single- and multi-step sampling, Shapes-VQA). The sizes below are chosen so the whole
-demo takes about 18 minutes on a 2-core CPU machine; every stage is an ordinary run of the
+demo takes 18-40 minutes on a 2-core CPU machine (f32 matmul 490-150 GFLOP/s); every stage is an ordinary run of the
 recipe's config, so any field can be overridden (``--config.t2i.num_steps=4000``,
 ``--config.t2i.overrides='("...",)'``).
 
@@ -23,6 +23,12 @@ Text-to-image on that tokenizer (120 prompts, chance 11.7%): 25.8% / 30.8% singl
 at lr 1.5e-3 (the `tiny` default is 5e-4); 1,800 steps add little (20.8% / 32.5%). The VLM's Shapes-VQA
 (chance 32.4%): 51.2% after 800 steps; 48.0% after 1,200, 39.2% at lr 2.5e-3 and 30.0% without the caption
 examples, so 800 steps at lr 1e-3 with captions stay.
+
+Those figures came from 120 prompts and 250 questions, whose standard errors (~4 and ~3 points) are as large as
+the differences above: the same t2i checkpoint scores 25.3% / 28.1% on 360 prompts, and a retrain that differs
+only in float rounding (the faster train step of issue 20) gave 25.0% / 22.5% on the 120 and 24.4% / 25.8% on the
+360. So the demo scores 60 prompts per category (360; ~20 s per strategy on 2 cores) and 150 questions per
+category (750).
 """
 from tokenflow_jax import config as config_lib
 
@@ -46,9 +52,9 @@ def get_config(arg=None):
                                         overrides=("--config.optim.lr=1.5e-3",)))
     # ShapesEval: prompts per GenEval category, sampling strategies (passes per scale) to compare; then a
     # grid of `per_prompt` samples for each of `grid_prompts` held-out prompts with the last strategy.
-    config.shapes_eval = config_lib.ConfigDict(dict(config="configs/sample.py:tiny", num_per_category=20, loops=(1, 3),
+    config.shapes_eval = config_lib.ConfigDict(dict(config="configs/sample.py:tiny", num_per_category=60, loops=(1, 3),
                                                 grid_prompts=8, per_prompt=4, overrides=()))
     config.vlm = config_lib.ConfigDict(dict(config="configs/vlm.py:tiny", num_steps=800, checkpoint_every=100,
                                         overrides=()))
-    config.vqa = config_lib.ConfigDict(dict(num_per_category=50))
+    config.vqa = config_lib.ConfigDict(dict(num_per_category=150))
     return config

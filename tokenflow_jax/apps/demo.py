@@ -1,4 +1,4 @@
-"""``tokenflow-jax demo --workdir DIR``: the whole system on the built-in shapes data, about 18 min on 2 CPU cores.
+"""``tokenflow-jax demo --workdir DIR``: the whole system on the built-in shapes data, 18-40 min on 2 CPU cores.
 
     tokenflow-jax demo --workdir out/demo [--config configs/demo.py] [--config.t2i.num_steps=3000 ...]
 
