@@ -20,7 +20,7 @@ Studies (``configs/ablations.py:NAME``):
   smoke          two points of the w_dis study with every stage a few steps (tests; a pipeline check).
 
 Sizes: each study is meant to fit about an hour on a 2-core CPU (estimated from the demo's throughput, ~150
-GFLOP/s; the tokenizer 1,000 steps instead of the demo's 3,000, t2i 300 and VLM 300 steps, smaller evaluations).
+GFLOP/s; the tokenizer 1,000 steps instead of the demo's 3,000, t2i 300 and VLM 300 steps, the demo's evaluations).
 At real scale, override the tokenizer config and data of every point, e.g.
 ``--config.demo.tokenizer.config=configs/tokenizer.py:b --config.demo.tokenizer.overrides='("--config.data.source=tfds",
 "--config.data.name=imagenet2012")'`` (the point's own overrides are added after these).
@@ -76,11 +76,11 @@ def get_config(arg=None):
     demo.tokenizer_eval.update(num_images=256, semantic=True)
     demo.tokenize.num_images = 4000
     demo.t2i.num_steps = 300
-    demo.shapes_eval.num_per_category = 10
+    # Evaluations at the demo's size (360 ShapesEval prompts, 750 questions; ~1 min a point): with 60 prompts and
+    # 100 questions the standard errors (~6 and ~5 points) would hide most differences between points.
     demo.shapes_eval.grid_prompts = 4
     demo.shapes_eval.per_prompt = 2
     demo.vlm.num_steps = 300
-    demo.vqa.num_per_category = 20
     config.stages = RECONSTRUCTION + GENERATION + UNDERSTANDING
     if study == "codebook_size":
         # Reconstruction and codebook statistics only; the large K points make the step slower (the search over

@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -137,7 +138,10 @@ def test_an_oversized_config_fails_with_a_clear_message(capsys):
     captured = capsys.readouterr()
     assert "DOES NOT FIT" in captured.out and "\ndoes NOT fit" in captured.out
     err = captured.err
-    assert "error: configs/t2i.py:tiny does not fit on v5e-4: train_step needs at least 69.57 GiB per device" in err
+    # The figure is the TPU compiler's own (it moves with the step's program; ~70 GiB for this width).
+    needed = re.search(r"error: configs/t2i.py:tiny does not fit on v5e-4: train_step needs at least ([0-9.]+) GiB "
+                       r"per device", err)
+    assert needed and 40 < float(needed.group(1)) < 100, err
     assert "a TPU v5 lite device has 15.75 GiB usable" in err and "RESOURCE_EXHAUSTED" in err
     assert "--config.mesh.shape" in err
 
