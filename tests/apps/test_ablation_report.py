@@ -101,3 +101,8 @@ def test_docs_page_gathers_each_study_with_its_plots(study, tmp_path):
     assert "## Study `smoke` (shapes world)" in page and "| w_dis=0 | 21.25 |" in page
     assert "![smoke](ablations/smoke.png)" in page
     assert (tmp_path / "docs" / "ablations" / "smoke_per_scale.png").stat().st_size > 1000
+    # A hand-written reading of the study goes under its heading and survives regeneration.
+    (tmp_path / "docs" / "ablations" / "smoke.notes.md").write_text("What it shows.\n")
+    page = ablation_report.docs([workdir], str(out))
+    heading = page.index("## Study `smoke` (shapes world)")
+    assert heading < page.index("What it shows.") < page.index("| w_dis=0 | 21.25 |")

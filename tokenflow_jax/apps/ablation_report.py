@@ -240,7 +240,9 @@ def write(config, workdir: str) -> dict[str, Any]:
 
 def docs(study_dirs: Sequence[str], out: str) -> str:
     """One markdown page from the ``results.md`` of each study folder (their headings one level down), the plots
-    copied beside it into ``<out without .md>/``; returns the text written to ``out``."""
+    copied beside it into ``<out without .md>/``; returns the text written to ``out``. A hand-written reading of a
+    study, ``<out without .md>/<study>.notes.md`` (what it shows, where it disagrees with the paper), goes under its
+    heading if it exists: the numbers stay generated, the interpretation is kept apart so a regeneration keeps it."""
     assets = os.path.splitext(out)[0]
     os.makedirs(assets, exist_ok=True)
     parts = ["# Ablations on the shapes world", "",
@@ -255,7 +257,12 @@ def docs(study_dirs: Sequence[str], out: str) -> str:
             if name.endswith(".png") and name.startswith(study):
                 shutil.copyfile(os.path.join(directory, name), os.path.join(assets, name))
                 text = text.replace(f"]({name})", f"]({os.path.basename(assets)}/{name})")
-        parts += ["#" + line if line.startswith("#") else line for line in text.splitlines()] + [""]
+        lines = ["#" + line if line.startswith("#") else line for line in text.splitlines()]
+        notes = os.path.join(assets, f"{study}.notes.md")
+        if os.path.isfile(notes):
+            with open(notes) as f:
+                lines[1:1] = ["", f.read().strip()]  # under the study's heading, before its table
+        parts += lines + [""]
     page = "\n".join(parts)
     with open(out, "w") as f:
         f.write(page)
