@@ -26,7 +26,7 @@ examples, so 800 steps at lr 1e-3 with captions stay.
 
 Those figures came from 120 prompts and 250 questions, whose standard errors (~4 and ~3 points) are as large as
 the differences above: the same t2i checkpoint scores 25.3% / 28.1% on 360 prompts, and a retrain that differs
-only in float rounding (the faster train step of issue 20) gave 25.0% / 22.5% on the 120 and 24.4% / 25.8% on the
+only in float rounding (the faster decoder train step) gave 25.0% / 22.5% on the 120 and 24.4% / 25.8% on the
 360. So the demo scores 60 prompts per category (360; ~20 s per strategy on 2 cores) and 150 questions per
 category (750).
 """
