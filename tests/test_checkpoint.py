@@ -71,3 +71,32 @@ def test_a_state_saved_on_the_222_mesh_restores_onto_one_device_and_back(tmp_pat
     assert back["params"]["w"].sharding == split
     assert back["params"]["w"].addressable_shards[0].data.shape == (4, 3)
     np.testing.assert_array_equal(np.asarray(back["params"]["w"]), values)
+
+
+def test_a_single_process_save_of_replicated_shards_compiles_nothing(tmp_path, mesh222):
+    """orbax's replica-parallel saving slices every replicated shard with one eager XLA program per shape (hundreds
+    of compiles for a model's state on 8 devices); in one process there is no other host to share the writing, so
+    the checkpointer writes whole shards and compiles nothing. The stored values are exact."""
+    from jax import monitoring
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated_over_data = NamedSharding(mesh222, PartitionSpec("fsdp"))  # each shard held by 4 devices
+    variables = {"params": {f"w{i}": jax.device_put(np.full((4 * (i + 1), 3), float(i), np.float32),
+                                                     replicated_over_data) for i in range(3)}}
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "a"), keep=1, use_async=False)
+        ckpt.save(1, variables, {"step": jnp.asarray(1, jnp.int32)}, None, {"recipe": "test"}, force=True)
+        ckpt.close()
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    stored, _ = checkpoint.restore_variables_partially(str(tmp_path / "a" / "checkpoints"), variables)
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(stored["params"][f"w{i}"]), np.full((4 * (i + 1), 3), float(i)))
