@@ -17,13 +17,18 @@ def _write(path, payload):
         json.dump(payload, f)
 
 
-def fake_point(directory, psnr, codes, perplexities, seconds, temp_bytes, vqa, stages, shapes=None):
+def fake_point(directory, psnr, codes, perplexities, seconds, temp_bytes, vqa, stages, shapes=None,
+               semantic_codes=None):
     scales = ("scale_1", "scale_2", "scale_4")
-    _write(os.path.join(directory, "tokenizer_eval.json"), {
+    tokenizer_eval = {
         "psnr": psnr, "ssim": 0.5, "lpips": 0.25, "semantic_cosine": 0.75, "codebook_usage": 0.125,
         "codes_used_per_scale": dict(zip(scales, codes)),
         "codebook_perplexity_per_scale": dict(zip(scales, perplexities)),
-        "codebook_usage_per_scale": dict(zip(scales, (0.1, 0.2, 0.3)))})
+        "codebook_usage_per_scale": dict(zip(scales, (0.1, 0.2, 0.3)))}
+    if semantic_codes is not None:  # what tokenizer evaluation adds under quantizer.mapping='separate'
+        tokenizer_eval.update(semantic_codebook_usage=0.0625, semantic_codes_used_per_scale=dict(zip(scales,
+                                                                                                     semantic_codes)))
+    _write(os.path.join(directory, "tokenizer_eval.json"), tokenizer_eval)
     _write(os.path.join(directory, "step_cost.json"), {
         "seconds_per_step": seconds, "temp_bytes": temp_bytes, "argument_bytes": 3 * 2**20,
         "codebook_state_bytes": 2**20, "beyond_codebook_bytes": temp_bytes + 2 * 2**20})
@@ -44,7 +49,7 @@ def study(tmp_path):
                config.stages, shapes=(0.25, 0.375))
     # The second point's VQA stage has not finished: its record is missing, it shows as pending.
     fake_point(str(tmp_path / "points" / "w_dis=1"), 23.5, (2, 4, 16), (2.0, 3.5, 12.75), 0.25, 48 * 2**20, 0.625,
-               config.stages[:-1])
+               config.stages[:-1], semantic_codes=(1, 2, 5))
     return config, str(tmp_path)
 
 
@@ -54,14 +59,15 @@ def test_table_cells_are_the_files_numbers(study):
     assert written["done"] == 1
     text = open(written["markdown"]).read()
     assert ("| point | PSNR (dB) | LPIPS | semantic cos | codes used (all scales) | codes used per scale | "
-            "perplexity per scale | ShapesEval 1-step | ShapesEval 3-step | Shapes-VQA | s / step | "
+            "perplexity per scale | semantic index: codes used | semantic index: codes used per scale | "
+            "ShapesEval 1-step | ShapesEval 3-step | Shapes-VQA | s / step | "
             "step arguments (MB) | step temporaries (MB) | codebook + its state (MB) | "
             "beyond the codebook (MB) |") in text
-    assert ("| w_dis=0 | 21.25 | 0.2500 | 0.7500 | 12.5% | 1 / 3 / 9 | 1.0 / 2.5 / 7.2 | 25.0% | 37.5% | 50.0% | "
-            "0.500 | 3.0 | 40.0 | 1.0 | 42.0 |") in text
-    # Columns a point's files lack stay empty (no ShapesEval for the second point).
-    assert ("| w_dis=1 (pending) | 23.50 | 0.2500 | 0.7500 | 12.5% | 2 / 4 / 16 | 2.0 / 3.5 / 12.8 |  |  | 62.5% | "
-            "0.250 | 3.0 | 48.0 | 1.0 | 50.0 |") in text
+    assert ("| w_dis=0 | 21.25 | 0.2500 | 0.7500 | 12.5% | 1 / 3 / 9 | 1.0 / 2.5 / 7.2 |  |  | 25.0% | 37.5% | "
+            "50.0% | 0.500 | 3.0 | 40.0 | 1.0 | 42.0 |") in text
+    # Columns a point's files lack stay empty (no ShapesEval for the second point, no semantic index for the first).
+    assert ("| w_dis=1 (pending) | 23.50 | 0.2500 | 0.7500 | 12.5% | 2 / 4 / 16 | 2.0 / 3.5 / 12.8 | 6.2% | "
+            "1 / 2 / 5 |  |  | 62.5% | 0.250 | 3.0 | 48.0 | 1.0 | 50.0 |") in text
     assert "Chance levels: ShapesEval 11.7%, Shapes-VQA 32.4%." in text
     assert "![smoke](smoke.png)" in text and "`--config.quantizer.w_dis=1.0`" in text
 

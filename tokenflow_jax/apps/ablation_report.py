@@ -43,10 +43,14 @@ def point_metrics(directory: str) -> tuple[dict[str, Any], list[str]]:
         for key in ("psnr", "ssim", "lpips", "semantic_cosine", "codebook_usage", "codebook_perplexity"):
             if key in tok:
                 metrics[key] = float(tok[key])
-        for key, name in (("codes_used_per_scale", "codes_used"), ("codebook_perplexity_per_scale", "perplexity"),
-                          ("codebook_usage_per_scale", "usage")):
-            if key in tok:
-                metrics[f"{name}_per_scale"] = {k: float(v) for k, v in tok[key].items()}
+        # Under quantizer.mapping='separate' the semantic index is a second token with its own statistics.
+        if "semantic_codebook_usage" in tok:
+            metrics["semantic_codebook_usage"] = float(tok["semantic_codebook_usage"])
+        for prefix in ("", "semantic_"):
+            for key, name in (("codes_used_per_scale", "codes_used"), ("codebook_perplexity_per_scale", "perplexity"),
+                              ("codebook_usage_per_scale", "usage")):
+                if prefix + key in tok:
+                    metrics[f"{prefix}{name}_per_scale"] = {k: float(v) for k, v in tok[prefix + key].items()}
     cost = _read(os.path.join(directory, "step_cost.json"))
     if cost is not None:
         sources.append("step_cost.json")
@@ -99,6 +103,8 @@ COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("codebook_usage", "codes used (all scales)", _pct),
     ("codes_used_per_scale", "codes used per scale", _per_scale(".0f")),
     ("perplexity_per_scale", "perplexity per scale", _per_scale(".1f")),
+    ("semantic_codebook_usage", "semantic index: codes used", _pct),
+    ("semantic_codes_used_per_scale", "semantic index: codes used per scale", _per_scale(".0f")),
     ("shapes_eval 1-step", "ShapesEval 1-step", _pct),
     ("shapes_eval 3-step", "ShapesEval 3-step", _pct),
     ("vqa", "Shapes-VQA", _pct),
@@ -110,6 +116,9 @@ COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
 )
 
 NOTES = {
+    "mapping": "Under separate argmins a position has two tokens: the usage and perplexity columns count the pixel "
+               "index (the token the t2i model generates and the pixel decoder reads), the 'semantic index' "
+               "columns the semantic one (what the VLM's features fetch).",
     "scales": "The single-scale tokenizer is not a next-scale model, so no text-to-image model is trained on it: "
               "the study reports reconstruction and understanding only.",
     "codebook_size": "Memory is XLA's compiled memory analysis of the train step, per device: arguments are the "
