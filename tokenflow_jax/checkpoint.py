@@ -143,8 +143,14 @@ def _write_whole_shards_in_one_process() -> None:
         return
     _array_handler_chosen = True
     if jax.process_count() == 1:
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # orbax warns on every override of a registered type, intended here
+        try:
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        finally:
+            absl_logger.setLevel(level)
 
 
 def item_handlers() -> dict[str, Any]:

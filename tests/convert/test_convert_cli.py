@@ -28,11 +28,20 @@ def tiny_clip_dir(tmp_path_factory):
     return path, model
 
 
-def test_convert_from_hf_then_reconstruct(tiny_clip_dir, tmp_path, capsys):
-    path, hf_model = tiny_clip_dir
-    out = str(tmp_path / "ckpt")
+@pytest.fixture(scope="module")
+def converted(tiny_clip_dir, tmp_path_factory):
+    """The tiny tokenizer checkpoint `convert --from hf` writes from the tiny tower (one conversion shared by the
+    tests that read it: each builds and initialises the whole tokenizer)."""
+    path, _ = tiny_clip_dir
+    out = str(tmp_path_factory.mktemp("converted") / "ckpt")
     assert cli.main(["convert", "--from", "hf", "--model", path, "--config", "configs/tokenizer.py:tiny",
                      "--out", out]) == 0
+    return out
+
+
+def test_convert_from_hf_then_reconstruct(tiny_clip_dir, converted, tmp_path, capsys):
+    path, hf_model = tiny_clip_dir
+    out = converted
     meta = checkpoint.read_meta(out)
     assert meta["config_spec"] == "configs/tokenizer.py:tiny" and meta["source"] == f"hf:{path}"
 
@@ -75,15 +84,11 @@ def test_hub_id_offline_names_the_id(tmp_path, capsys, monkeypatch):
     assert "openai/clip-vit-base-patch16" in err and "huggingface-cli download" in err
 
 
-def test_restoring_into_a_different_config_lists_every_mismatch(tiny_clip_dir, tmp_path):
-    path, _ = tiny_clip_dir
-    out = str(tmp_path / "ckpt")
-    assert cli.main(["convert", "--from", "hf", "--model", path, "--config", "configs/tokenizer.py:tiny",
-                     "--out", out]) == 0
+def test_restoring_into_a_different_config_lists_every_mismatch(converted):
     config = config_lib.load_config("configs/tokenizer.py:tiny")
     config_lib.apply_overrides(config, ["quantizer.codebook_size=2048", "model.semantic_decoder.depth=1"])
     with pytest.raises(checkpoint.CheckpointMismatchError) as e:
-        frozen.load_tokenizer(config, out)
+        frozen.load_tokenizer(config, converted)
     message = str(e.value)
     # The model's shape first, then what the checkpoint holds.
     assert "params/quantizer/codebook_semantic: expected shape (2048, 32), found (1024, 32)" in message

@@ -45,8 +45,11 @@ def _summary(variables: Any) -> str:
 
 
 def from_hf(config, id_or_path: str, out_dir: str) -> int:
+    # The tower first: a hub id that cannot be fetched or a tower of the wrong shape fails before the whole
+    # tokenizer is built and initialised (~15 s and ~1 GB for the ViT-B/16 config on a CPU).
+    tower = semantic_tower.semantic_encoder_params(config, id_or_path)
     variables = semantic_tower.with_semantic_encoder(semantic_tower.init_variables(config, config.get("seed", 0)),
-                                                     semantic_tower.semantic_encoder_params(config, id_or_path))
+                                                     tower)
     path = checkpoint.save_variables(out_dir, variables, _meta(config, f"hf:{id_or_path}"))
     print(f"wrote {path}: semantic encoder from {id_or_path}, other parts freshly initialised ({_summary(variables)})")
     return 0

@@ -18,6 +18,13 @@ NUM_IMAGES = 6  # not a multiple of the batch: the padded tail must not count
 
 
 def test_eval_command_matches_an_independent_computation(tmp_path, capsys):
+    """One `eval --semantic` run (one compiled evaluation program) checked against the same images run through the
+    model directly: PSNR and SSIM from skimage; per scale the codes used and exp(entropy) of the code histogram
+    counted by hand; the semantic decoder's features against the teacher's, cosine per token averaged by hand."""
+    from collections import Counter
+
+    from tokenflow_jax.recipes.tokenizer import teacher as teacher_lib
+
     config = config_lib.apply_overrides(config_lib.load_config("configs/tokenizer.py:tiny"), SMALL)
     model, variables = frozen.load_tokenizer(config, None, seed=3)
     ckpt = str(tmp_path / "ckpt")
@@ -25,7 +32,7 @@ def test_eval_command_matches_an_independent_computation(tmp_path, capsys):
 
     out = tmp_path / "eval.json"
     argv = ["eval", "--config", "configs/tokenizer.py:tiny", "--checkpoint", ckpt, "--num-images", str(NUM_IMAGES),
-            "--batch-size", "4", "--out", str(out)] + [f"--config.{o}" for o in SMALL]
+            "--batch-size", "4", "--semantic", "--out", str(out)] + [f"--config.{o}" for o in SMALL]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "SSIM (data range 2, reference convention)" in printed and "rFID" in printed
@@ -36,7 +43,7 @@ def test_eval_command_matches_an_independent_computation(tmp_path, capsys):
     data = tokenizer_eval.eval_data_config(config, NUM_IMAGES)
     images = np.concatenate([b["image"][b["valid"]] for b in pipeline.make_dataset(
         data, global_batch_size=4, process_index=0, process_count=1, seed=config.seed, train=False)])[:NUM_IMAGES]
-    _, recon, _, _, indices = jax.jit(model.apply)(variables, images)
+    semantic, recon, _, _, indices = jax.jit(model.apply)(variables, images)
     real = np.round((images + 1.0) * 127.5).astype(np.uint8)
     fake = np.floor(np.clip(127.5 * np.asarray(recon) + 128.0, 0, 255)).astype(np.uint8)
     psnr = np.mean([peak_signal_noise_ratio(r, f, data_range=255) for r, f in zip(real, fake)])
@@ -48,35 +55,15 @@ def test_eval_command_matches_an_independent_computation(tmp_path, capsys):
     assert 0 < results["lpips"] < 2 and np.isfinite(results["rfid"]) and results["rfid"] > 0
 
     indices = np.asarray(indices)
-    bounds = np.cumsum([0, 1, 4, 16])
     k = config.quantizer.codebook_size
-    per_scale = [len(np.unique(indices[:, a:b])) / k for a, b in zip(bounds[:-1], bounds[1:])]
-    assert [results["codebook_usage_per_scale"][f"scale_{s}"] for s in (1, 2, 4)] == per_scale
-    assert results["codebook_usage"] == len(np.unique(indices)) / k
-
-
-def test_perplexity_per_scale_and_semantic_cosine_match_a_direct_computation():
-    """Per scale: codes used and exp(entropy) of the code histogram counted by hand; the semantic decoder's
-    features against the teacher's, cosine per token averaged by hand."""
-    from collections import Counter
-
-    from tokenflow_jax.recipes.tokenizer import teacher as teacher_lib
-
-    config = config_lib.apply_overrides(config_lib.load_config("configs/tokenizer.py:tiny"), SMALL)
-    model, variables = frozen.load_tokenizer(config, None, seed=0)  # evaluate's random weights without a checkpoint
-    results = tokenizer_eval.evaluate(config, None, NUM_IMAGES, 4, with_fid=False, with_semantic=True)
-
-    data = tokenizer_eval.eval_data_config(config, NUM_IMAGES)
-    images = np.concatenate([b["image"][b["valid"]] for b in pipeline.make_dataset(
-        data, global_batch_size=4, process_index=0, process_count=1, seed=config.seed, train=False)])[:NUM_IMAGES]
-    semantic, _, _, _, indices = jax.jit(model.apply)(variables, images)
-    indices = np.asarray(indices)
     for s, (a, b) in zip((1, 2, 4), [(0, 1), (1, 5), (5, 21)]):
+        assert results["codebook_usage_per_scale"][f"scale_{s}"] == len(np.unique(indices[:, a:b])) / k
         counts = np.array(list(Counter(indices[:, a:b].ravel().tolist()).values()), float)
         p = counts / counts.sum()
         assert results["codes_used_per_scale"][f"scale_{s}"] == len(counts)
         np.testing.assert_allclose(results["codebook_perplexity_per_scale"][f"scale_{s}"],
                                    np.exp(-(p * np.log(p)).sum()), rtol=1e-9)
+    assert results["codebook_usage"] == len(np.unique(indices)) / k
     assert results["codebook_perplexity_per_scale"]["scale_4"] > 1.0  # a random tokenizer spreads its codes
 
     teacher_config = teacher_lib.teacher_config(config)
