@@ -14,10 +14,12 @@ from tokenflow_jax.recipes.t2i import train as t2i_trainer
 from tokenflow_jax.recipes.tokenizer import frozen
 from tokenflow_jax.train import llm_init
 
-# A smaller decoder than configs/t2i.py:tiny keeps every compile short; the pipeline is the real one.
-SMALL = ["model.llm.width=64", "model.llm.depth=2", "model.llm.num_heads=4", "model.llm.num_kv_heads=2",
-         "model.llm.mlp_dim=128", "train.global_batch_size=8", "train.log_every=1", "train.checkpoint_every=2",
-         "train.async_checkpoints=False", "optim.warmup_steps=2", "data.num_examples=64"]
+# A smaller decoder than configs/t2i.py:tiny and one device unless a test is about sharding keep
+# every compile short; the pipeline is the real one.
+SMALL = ["mesh.shape=(1, 1, 1)", "mesh.num_devices=1", "model.llm.width=64", "model.llm.depth=2",
+         "model.llm.num_heads=4", "model.llm.num_kv_heads=2", "model.llm.mlp_dim=128", "train.global_batch_size=8",
+         "train.log_every=1", "train.checkpoint_every=2", "train.async_checkpoints=False", "optim.warmup_steps=2",
+         "data.num_examples=64"]
 
 
 def small_config(*overrides):
@@ -42,7 +44,7 @@ def restored_params(workdir, step):
 def test_steps_on_the_222_mesh_learn_and_resume_exactly(tmp_path):
     """Online tokenisation (random tiny tokenizer) on the (2, 2, 2) mesh: a run stopped after 2 steps and
     resumed to 4 ends with the uninterrupted run's parameters, bit for bit; the loss falls."""
-    mesh = ["mesh.shape=(2, 2, 2)", "train.cond_drop_rate=0.25"]
+    mesh = ["mesh.shape=(2, 2, 2)", "mesh.num_devices=0", "train.cond_drop_rate=0.25"]
     full = str(tmp_path / "full")
     t2i_trainer.train(small_config("train.num_steps=4", *mesh), full)
     part = str(tmp_path / "part")

@@ -14,10 +14,12 @@ from tokenflow_jax.recipes.vlm import evaluate as vqa_eval
 from tokenflow_jax.recipes.vlm import setup as vlm_setup
 from tokenflow_jax.recipes.vlm import train as vlm_trainer
 
-# A smaller decoder than configs/vlm.py:tiny keeps every compile short; data, tokenizer and step are real.
-SMALL = ["model.llm.width=64", "model.llm.depth=2", "model.llm.num_heads=4", "model.llm.num_kv_heads=2",
-         "model.llm.mlp_dim=128", "train.global_batch_size=8", "train.log_every=1", "train.checkpoint_every=2",
-         "train.async_checkpoints=False", "data.num_examples=64", "generate.batch_size=8"]
+# A smaller decoder than configs/vlm.py:tiny and one device unless a test is about sharding keep
+# every compile short; data, tokenizer and step are real.
+SMALL = ["mesh.shape=(1, 1, 1)", "mesh.num_devices=1", "model.llm.width=64", "model.llm.depth=2",
+         "model.llm.num_heads=4", "model.llm.num_kv_heads=2", "model.llm.mlp_dim=128", "train.global_batch_size=8",
+         "train.log_every=1", "train.checkpoint_every=2", "train.async_checkpoints=False", "data.num_examples=64",
+         "generate.batch_size=8"]
 
 
 def small_config(arg="tiny", *overrides):
@@ -32,7 +34,7 @@ def small_config(arg="tiny", *overrides):
 def test_steps_on_the_222_mesh_learn_and_resume_exactly(tmp_path):
     """A run stopped after 2 steps and resumed to 4 ends with the uninterrupted run's parameters and losses,
     bit for bit, on the (2, 2, 2) mesh; only assistant tokens are trained."""
-    mesh = ["mesh.shape=(2, 2, 2)", "optim.warmup_steps=1", "optim.decay_steps=4"]
+    mesh = ["mesh.shape=(2, 2, 2)", "mesh.num_devices=0", "optim.warmup_steps=1", "optim.decay_steps=4"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     vlm_trainer.train(small_config("tiny", "train.num_steps=4", *mesh), full)
     vlm_trainer.train(small_config("tiny", "train.num_steps=2", *mesh), part)
@@ -95,7 +97,9 @@ def test_chat_and_eval_vqa_commands_on_a_checkpoint(tmp_path, capsys):
     args = ["--config.model.llm.width=64", "--config.model.llm.depth=2", "--config.model.llm.num_heads=4",
             "--config.model.llm.num_kv_heads=2", "--config.model.llm.mlp_dim=128",
             "--config.train.global_batch_size=8", "--config.train.num_steps=2", "--config.optim.warmup_steps=1",
-            "--config.optim.decay_steps=2", "--config.train.async_checkpoints=False"]
+            "--config.optim.decay_steps=2", "--config.train.async_checkpoints=False",
+            # One device (sharding is the 222 test's): eval-vqa and chat inherit it from the checkpoint's config.
+            "--config.mesh.shape=(1, 1, 1)", "--config.mesh.num_devices=1"]
     assert cli.main(["train", "--config", "configs/vlm.py:tiny", "--workdir", run] + args) == 0
     from tokenflow_jax.shapes import vqa as shapes_vqa
 
