@@ -19,6 +19,7 @@ with the disk's error, keeping every earlier step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -129,19 +130,13 @@ def _stored_tree(directory: Any, step: int, item: str, metadata: Any, older: lis
 
 
 # ----------------------------------------------------------------------------------------------- inference
-_array_handler_chosen = False
-
-
+@functools.cache
 def _write_whole_shards_in_one_process() -> None:
     """In a single-process run, orbax's replica-parallel saving (its default on CPU and TPU) only adds work: it
     splits every replicated shard among replicas that this one process writes anyway, dispatching one eager
     slice per shard, which XLA compiles once per shape (~380 compiles, ~1 min, for the tokenizer's state on 8
     CPU devices). Multi-process runs keep orbax's default, where the split spreads the writing over hosts. The
-    files are the same either way. Called when the first manager is built (after jax.distributed.initialize)."""
-    global _array_handler_chosen
-    if _array_handler_chosen:
-        return
-    _array_handler_chosen = True
+    files are the same either way. Runs once, when the first manager is built (after jax.distributed.initialize)."""
     if jax.process_count() == 1:
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level

@@ -40,12 +40,11 @@ def point_metrics(directory: str) -> tuple[dict[str, Any], list[str]]:
     tok = _read(os.path.join(directory, "tokenizer_eval.json"))
     if tok is not None:
         sources.append("tokenizer_eval.json")
-        for key in ("psnr", "ssim", "lpips", "semantic_cosine", "codebook_usage", "codebook_perplexity"):
+        # semantic_*: under quantizer.mapping='separate' the semantic index is a second token with its own statistics.
+        for key in ("psnr", "ssim", "lpips", "semantic_cosine", "codebook_usage", "codebook_perplexity",
+                    "semantic_codebook_usage"):
             if key in tok:
                 metrics[key] = float(tok[key])
-        # Under quantizer.mapping='separate' the semantic index is a second token with its own statistics.
-        if "semantic_codebook_usage" in tok:
-            metrics["semantic_codebook_usage"] = float(tok["semantic_codebook_usage"])
         for prefix in ("", "semantic_"):
             for key, name in (("codes_used_per_scale", "codes_used"), ("codebook_perplexity_per_scale", "perplexity"),
                               ("codebook_usage_per_scale", "usage")):
