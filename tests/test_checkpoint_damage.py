@@ -220,7 +220,8 @@ def test_a_trainer_whose_newest_checkpoint_is_damaged_resumes_from_the_previous_
     """The t2i trainer (a small decoder, one device): 4 steps with checkpoints at 2 and 4; step 4's data file is
     truncated; the same command warns, resumes at step 2 and ends with the first run's step-4 parameters and
     losses, bit for bit."""
-    from tests.recipes.t2i.test_train import read_metrics, restored_params, small_config
+    from tests.recipes.runs import read_metrics, restored_params
+    from tests.recipes.t2i.test_train import small_config
     from tokenflow_jax.recipes.t2i import train as t2i_trainer
 
     config = small_config("train.num_steps=4", "mesh.shape=(1, 1, 1)", "mesh.num_devices=1")

@@ -1,6 +1,4 @@
 """The t2i trainer: sharded steps that learn, exact resume, caption dropout, HF Llama initialisation."""
-import json
-import os
 
 import flax.linen as nn
 import jax
@@ -8,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.recipes.runs import preempted_copy, read_metrics, restored_params
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.data import token_shards
 from tokenflow_jax.recipes.t2i import train as t2i_trainer
@@ -28,27 +27,13 @@ def small_config(*overrides):
     return config
 
 
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def restored_params(workdir, step):
-    import orbax.checkpoint as ocp
-    from flax import traverse_util
-
-    stored = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "variables"))
-    return traverse_util.flatten_dict(jax.device_get(stored), sep="/")
-
-
 def test_steps_on_the_222_mesh_learn_and_resume_exactly(tmp_path):
-    """Online tokenisation (random tiny tokenizer) on the (2, 2, 2) mesh: a run stopped after 2 steps and
-    resumed to 4 ends with the uninterrupted run's parameters, bit for bit; the loss falls."""
+    """Online tokenisation (random tiny tokenizer) on the (2, 2, 2) mesh: a run preempted after its step-2
+    checkpoint and restarted ends with the uninterrupted run's parameters, bit for bit; the loss falls."""
     mesh = ["mesh.shape=(2, 2, 2)", "mesh.num_devices=0", "train.cond_drop_rate=0.25"]
     full = str(tmp_path / "full")
     t2i_trainer.train(small_config("train.num_steps=4", *mesh), full)
-    part = str(tmp_path / "part")
-    t2i_trainer.train(small_config("train.num_steps=2", *mesh), part)
+    part = preempted_copy(full, str(tmp_path / "part"), step=2)
     t2i_trainer.train(small_config("train.num_steps=4", *mesh), part)
 
     a, b = restored_params(full, 4), restored_params(part, 4)

@@ -1,8 +1,8 @@
 """The tokenizer trainer end to end on a reduced `tiny` config (32 px, 4x4 grid, scales 1, 2, 4): steps on the
 (2, 2, 2) mesh and their exact resume after SIGTERM, overfitting one batch, resume on a different mesh, a folder of
 broken images, stage 2, and zero-weight terms left out. Each distinct configuration is an XLA compile of the whole
-GAN step, most of this file's time, so tests share configurations where their claims allow (the broken-images runs
-and stage 1 of the stage-2 test compile the same step)."""
+GAN step, most of this file's time, so tests share configurations where their claims allow (the broken-images runs,
+stage 1 of the stage-2 test and the zero-weight test's "skipped" run compile the same step)."""
 import json
 import os
 import signal
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.recipes.runs import read_metrics
 from tokenflow_jax import checkpoint
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.data import images as image_io
@@ -39,9 +40,9 @@ def small_config(*overrides):
     return config_lib.apply_overrides(config, SMALL + list(overrides))
 
 
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+# The demo's recipe: LPIPS and the discriminator left out of the step. Tests whose claims are not about the losses
+# use it, so they share one compiled step (the zero-weight test's "skipped" run) and each compiles and runs cheaper.
+WITHOUT_LPIPS_AND_GAN = ("loss.lpips_weight=0", "loss.disc_weight=0")
 
 
 # Slow tier (40 steps, ~2 min): the fast tier's 222-mesh run checks that the loss falls.
@@ -81,45 +82,47 @@ class SigtermAt:
 
 
 def test_on_the_222_mesh_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
-    """One program compiled once serves three runs on the (2, 2, 2) mesh: six uninterrupted steps (the loss falls
-    before the GAN switches on after step 4), the same run stopped by SIGTERM after step 5, and its resume, which
-    must match the uninterrupted run bit for bit. The reference's loss weights (LPIPS and teacher at 1), not tiny's CPU
-    defaults; one fixed batch (4 examples)."""
+    """One program compiled once serves three runs on the (2, 2, 2) mesh: four uninterrupted steps (the loss falls
+    before the GAN switches on after step 2, the reconstruction loss over all four), the same run stopped by
+    SIGTERM after step 3, and its resume, which must match the uninterrupted run bit for bit. The reference's loss
+    weights (LPIPS and teacher at 1), not tiny's CPU defaults; one fixed batch (4 examples)."""
     def config():
-        return small_config("mesh.num_devices=0", "mesh.shape=(2, 2, 2)", "train.num_steps=6", "optim.lr=1e-3",
-                            "loss.disc_start=4", "data.num_examples=4", "train.global_batch_size=4",
-                            "train.image_every=6", "loss.lpips_weight=1.0", "loss.semantic_weight=1.0")
+        return small_config("mesh.num_devices=0", "mesh.shape=(2, 2, 2)", "train.num_steps=4", "optim.lr=1e-3",
+                            "loss.disc_start=2", "data.num_examples=4", "train.global_batch_size=4",
+                            "train.image_every=4", "loss.lpips_weight=1.0", "loss.semantic_weight=1.0")
 
     full = str(tmp_path / "full")
     trainer.train(config(), full)
     reference = read_metrics(full)
     losses = [m["loss"] for m in reference]
-    assert [m["step"] for m in reference] == [1, 2, 3, 4, 5, 6] and np.isfinite(losses).all()
-    assert losses[3] < losses[0] and losses[2] < losses[0], losses
+    assert [m["step"] for m in reference] == [1, 2, 3, 4] and np.isfinite(losses).all()
+    assert losses[1] < losses[0], losses
+    recon = [m["recon_loss"] for m in reference]
+    assert recon[3] < recon[0] and recon[2] < recon[0], recon
     # The discriminator trains only after disc_start (its loss is weighted by 0 before).
-    assert reference[3]["w_adv"] == 0.0 and reference[3]["disc_l2_updates"] == 0.0
-    assert reference[4]["w_adv"] == 0.5 and reference[4]["disc_l2_updates"] > 0
+    assert reference[1]["w_adv"] == 0.0 and reference[1]["disc_l2_updates"] == 0.0
+    assert reference[2]["w_adv"] == 0.5 and reference[2]["disc_l2_updates"] > 0
     for name in ("perplexity/scale_4", "scale_usage/scale_2", "codebook_usage", "lpips_loss", "semantic_loss"):
         assert name in reference[-1]
-    assert os.path.isfile(tmp_path / "full" / "images" / "recon_00000006.png")
-    assert checkpoint.latest_step(os.path.join(full, "checkpoints")) == 6
+    assert os.path.isfile(tmp_path / "full" / "images" / "recon_00000004.png")
+    assert checkpoint.latest_step(os.path.join(full, "checkpoints")) == 4
 
     interrupted = str(tmp_path / "interrupted")
     make_dataset = pipeline.make_dataset
-    monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: SigtermAt(iter(make_dataset(*a, **k)), at=5))
-    with pytest.raises(loop.Stopped) as stopped:  # stops cleanly after step 5, unfinished: exit status 143
+    monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: SigtermAt(iter(make_dataset(*a, **k)), at=3))
+    with pytest.raises(loop.Stopped) as stopped:  # stops cleanly after step 3, unfinished: exit status 143
         trainer.train(config(), interrupted)
-    assert (stopped.value.step, stopped.value.exit_code) == (5, 143)
+    assert (stopped.value.step, stopped.value.exit_code) == (3, 143)
     monkeypatch.setattr(pipeline, "make_dataset", make_dataset)
-    assert checkpoint.latest_step(os.path.join(interrupted, "checkpoints")) == 5
-    assert [m["step"] for m in read_metrics(interrupted)] == [1, 2, 3, 4, 5]
+    assert checkpoint.latest_step(os.path.join(interrupted, "checkpoints")) == 3
+    assert [m["step"] for m in read_metrics(interrupted)] == [1, 2, 3]
 
     # A row an abandoned attempt wrote after the last checkpoint must not survive the resume.
     with open(os.path.join(interrupted, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": 6, "loss": -1.0}) + "\n")
-    trainer.train(config(), interrupted)  # resumes at step 5, with the discriminator already training
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
+    trainer.train(config(), interrupted)  # resumes at step 3, with the discriminator already training
     resumed = read_metrics(interrupted)
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(reference, resumed):
         for key in ("loss", "recon_loss", "lpips_loss", "semantic_loss", "disc_loss", "l2_params"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])  # bit for bit on CPU
@@ -149,7 +152,7 @@ def test_a_folder_of_broken_images_does_not_stop_training(tmp_path):
     (folder / "truncated.png").write_bytes(good[: len(good) // 2])
     Image.fromarray(rng.integers(0, 255, (10, 10), dtype=np.uint8)).save(folder / "tiny_grey.png")
     run = str(tmp_path / "run")
-    overrides = ("data.source=folder", f"data.path={folder}", "train.image_every=1")
+    overrides = (*WITHOUT_LPIPS_AND_GAN, "data.source=folder", f"data.path={folder}", "train.image_every=1")
     trainer.train(small_config(*overrides, "train.num_steps=2"), run)
     trainer.train(small_config(*overrides, "train.num_steps=3"), run)  # resumes at step 2
     metrics = read_metrics(run)
@@ -175,12 +178,12 @@ def test_wrong_teacher_width_is_a_clear_error(tmp_path):
 
 def test_stage2_trains_only_a_rebuilt_pixel_decoder(tmp_path):
     stage1 = str(tmp_path / "stage1")
-    trainer.train(small_config("train.num_steps=1"), stage1)
+    trainer.train(small_config(*WITHOUT_LPIPS_AND_GAN, "train.num_steps=1"), stage1)
     stage1_ckpt = os.path.join(stage1, "checkpoints")
     stage2 = str(tmp_path / "stage2")
     config = config_lib.apply_overrides(
         config_lib.load_config("configs/tokenizer.py:tiny,stage2"),
-        SMALL + ["train.num_steps=1", f"init.checkpoint={stage1_ckpt}"])
+        SMALL + [*WITHOUT_LPIPS_AND_GAN, "train.num_steps=1", f"init.checkpoint={stage1_ckpt}"])
     trainer.train(config, stage2)
 
     before = stored_params(os.path.join(stage1_ckpt, "1"))
@@ -211,7 +214,7 @@ def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged(tmp_path):
     """lpips_weight=0 / disc_weight=0 drop LPIPS and the discriminator from the step (the demo's fast recipe);
     the generator's update equals that of a run keeping them at a negligible weight."""
     common_overrides = ("data.num_examples=8", "train.num_steps=2", "train.checkpoint_every=2")
-    skipped = small_config(*common_overrides, "loss.lpips_weight=0", "loss.disc_weight=0")
+    skipped = small_config(*common_overrides, *WITHOUT_LPIPS_AND_GAN)
     kept = small_config(*common_overrides, "loss.lpips_weight=1e-30", "loss.disc_weight=1e-30")
     trainer.train(skipped, str(tmp_path / "skipped"))
     trainer.train(kept, str(tmp_path / "kept"))

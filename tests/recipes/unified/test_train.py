@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.recipes.t2i.test_train import read_metrics, restored_params
+from tests.recipes.runs import preempted_copy, read_metrics, restored_params
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.models import t2i, unified, vlm
 from tokenflow_jax.recipes.t2i import setup as t2i_setup
@@ -86,12 +86,12 @@ def test_the_loss_is_the_weighted_sum_of_the_recipes_own_losses(head):
 
 
 def test_a_resumed_run_continues_both_streams_exactly(tmp_path):
-    """Stopped after 2 steps and resumed to 4 on the (2, 2, 2) mesh: the same parameters and per-task losses as
-    the uninterrupted run, bit for bit (both data positions restored); both tasks logged apart."""
+    """Preempted after its step-2 checkpoint and restarted on the (2, 2, 2) mesh: the same parameters and per-task
+    losses as the uninterrupted run, bit for bit (both data positions restored); both tasks logged apart."""
     mesh = ["mesh.shape=(2, 2, 2)", "train.cond_drop_rate=0.25"]
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    full = str(tmp_path / "full")
     unified_trainer.train(small_config("train.num_steps=4", *mesh), full)
-    unified_trainer.train(small_config("train.num_steps=2", *mesh), part)
+    part = preempted_copy(full, str(tmp_path / "part"), step=2)
     unified_trainer.train(small_config("train.num_steps=4", *mesh), part)
     a, b = restored_params(full, 4), restored_params(part, 4)
     assert a.keys() == b.keys() and any(k.startswith("params/vision_projector/") for k in a)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.recipes.t2i.test_train import read_metrics, restored_params
+from tests.recipes.runs import preempted_copy, read_metrics, restored_params
 from tokenflow_jax import cli
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.errors import DataError
@@ -32,12 +32,12 @@ def small_config(arg="tiny", *overrides):
 
 
 def test_steps_on_the_222_mesh_learn_and_resume_exactly(tmp_path):
-    """A run stopped after 2 steps and resumed to 4 ends with the uninterrupted run's parameters and losses,
-    bit for bit, on the (2, 2, 2) mesh; only assistant tokens are trained."""
+    """A run preempted after its step-2 checkpoint and restarted ends with the uninterrupted run's parameters and
+    losses, bit for bit, on the (2, 2, 2) mesh; only assistant tokens are trained."""
     mesh = ["mesh.shape=(2, 2, 2)", "mesh.num_devices=0", "optim.warmup_steps=1", "optim.decay_steps=4"]
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    full = str(tmp_path / "full")
     vlm_trainer.train(small_config("tiny", "train.num_steps=4", *mesh), full)
-    vlm_trainer.train(small_config("tiny", "train.num_steps=2", *mesh), part)
+    part = preempted_copy(full, str(tmp_path / "part"), step=2)
     vlm_trainer.train(small_config("tiny", "train.num_steps=4", *mesh), part)
     a, b = restored_params(full, 4), restored_params(part, 4)
     assert a.keys() == b.keys()
