@@ -41,13 +41,14 @@ def test_bad_image_shape_is_a_clear_error(tiny):
 
 def test_decode_code_equals_decode_of_features_in_eval(tiny):
     _, model, variables, x = tiny
-    features, _, indices = model.apply(variables, x, method="encode")
+    features, _, indices = jax.jit(lambda v, x: model.apply(v, x, method="encode"))(variables, x)
     sem_a, img_a = jax.jit(lambda v, f: model.apply(v, f, method="decode"))(variables, features)
-    sem_b, img_b = jax.jit(lambda v, i: model.apply(v, i, method="decode_code"))(variables, indices)
+    decode_code = jax.jit(lambda v, i: model.apply(v, i, method="decode_code"))
+    sem_b, img_b = decode_code(variables, indices)
     np.testing.assert_allclose(np.asarray(img_b), np.asarray(img_a), atol=1e-4)
     np.testing.assert_allclose(np.asarray(sem_b), np.asarray(sem_a), atol=1e-4)
     # A prefix of the scales decodes too (coarser image).
-    _, coarse = model.apply(variables, indices[:, :21], method="decode_code")
+    _, coarse = decode_code(variables, indices[:, :21])
     assert coarse.shape == img_a.shape and not np.allclose(np.asarray(coarse), np.asarray(img_a))
 
 

@@ -84,14 +84,21 @@ def test_token_nll_matches_torch_cross_entropy_with_ignore_index():
     np.testing.assert_array_equal(np.asarray(weight), (labels[:, 1:] != -100).astype(np.float32))
 
 
-@pytest.mark.parametrize("kind", ["final", "final_semantic", "all_scales"])
-def test_visual_features_are_the_tokenizer_maps(kind):
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """(config, model, variables) of a randomly initialised configs/tokenizer.py:tiny."""
     tok_config = config_lib.load_config("configs/tokenizer.py:tiny")
-    model, variables = frozen.load_tokenizer(tok_config, None)
+    return (tok_config, *frozen.load_tokenizer(tok_config, None))
+
+
+@pytest.mark.parametrize("kind", ["final", "final_semantic", "all_scales"])
+def test_visual_features_are_the_tokenizer_maps(kind, tiny_tokenizer):
+    tok_config, model, variables = tiny_tokenizer
     images = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, size=(2, 64, 64, 3)).astype(np.float32))
-    out = np.asarray(vlm.visual_features(model, variables, images, kind))
+    # Jitted as the trainers run it (op by op, the tokenizer's encoder takes ~10x longer to dispatch here).
+    out = np.asarray(jax.jit(lambda v, x: vlm.visual_features(model, v, x, kind))(variables, images))
     assert out.shape == (2,) + vlm.feature_shape(tok_config, kind)
-    features, _, indices = model.apply(variables, images, method=model.encode)
+    features, _, indices = jax.jit(lambda v, x: model.apply(v, x, method=model.encode))(variables, images)
     if kind == "all_scales":
         codebook = np.asarray(frozen.codebook_vectors(model, variables))
         np.testing.assert_allclose(out, codebook[np.asarray(indices)], atol=1e-6)

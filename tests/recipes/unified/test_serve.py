@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -51,11 +52,13 @@ def test_one_loaded_model_serves_generation_answers_and_the_judge(run):
     pixels = np.stack([shapes.render(shapes.sample_scene(np.random.default_rng(i)), 64) for i in range(2)])
     scores = judge(prompts, pixels)
     batch = judge.encode(prompts)
-    features = vlm.visual_features(vqa.tok_model, vqa.tok_vars,
-                                   jnp.asarray(np.stack([vqa.preprocess(p) for p in pixels])), "final")
-    logits = np.asarray(server.model.apply({"params": server.params}, jnp.asarray(batch["input_ids"]), features,
-                                           jnp.asarray(batch["attention_mask"]),
-                                           method=type(server.model).answer_logits), np.float64)
+    # Jitted (op by op, the tokenizer's encoder alone takes ~10 s to dispatch here).
+    features = jax.jit(lambda v, x: vlm.visual_features(vqa.tok_model, v, x, "final"))(
+        vqa.tok_vars, jnp.asarray(np.stack([vqa.preprocess(p) for p in pixels])))
+    answer_logits = jax.jit(lambda p, *a: server.model.apply({"params": p}, *a,
+                                                             method=type(server.model).answer_logits))
+    logits = np.asarray(answer_logits(server.params, jnp.asarray(batch["input_ids"]), features,
+                                      jnp.asarray(batch["attention_mask"])), np.float64)
     for row in range(2):
         expected = 0.0
         for t in np.nonzero(batch["labels"][row] != -100)[0]:
