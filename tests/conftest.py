@@ -94,13 +94,13 @@ def _release_compiled_programs():
 # worker idle at the end. Only the order changes; a file missing from the list keeps its place after these.
 LONGEST_FILES = (
     "tests/recipes/tokenizer/test_train.py",
-    "tests/recipes/t2i/test_train.py",
-    "tests/recipes/vlm/test_train.py",
     "tests/recipes/unified/test_serve.py",
-    "tests/recipes/t2i/test_sample.py",
+    "tests/recipes/vlm/test_train.py",
     "tests/recipes/unified/test_train.py",
-    "tests/recipes/tokenizer/test_tokenize.py",
+    "tests/recipes/t2i/test_train.py",
+    "tests/recipes/t2i/test_sample.py",
     "tests/recipes/tokenizer/test_evaluate.py",
+    "tests/recipes/tokenizer/test_tokenize.py",
 )
 
 

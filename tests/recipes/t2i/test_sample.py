@@ -58,16 +58,13 @@ def test_generate_writes_images_grids_manifest_and_resumes(run_dir, tmp_path):
     assert generate(run_dir, prompts, out, "--config.batch_size=2") == 0
     assert {n: os.path.getmtime(out / "images" / n) for n in mtimes} == {
         **mtimes, "00002_00.png": os.path.getmtime(out / "images" / "00002_00.png")}
-    # Keys are per (prompt, sample): in batches of 2 instead of 8 the codes are the same, and the decoded pixels
-    # too up to one uint8 level (the decoder's float sums differ with the batch size).
+    # Keys are per (prompt, sample): the batch redone alone at size 2 (rows 4 and 5 of the first run's batch of 8)
+    # has the same codes, and the same pixels up to one uint8 level (the decoder's float sums differ with the
+    # batch size).
     redone = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["indices"] for r in redone] == [r["indices"] for r in lines]
-    other = tmp_path / "other"
-    assert generate(run_dir, prompts, other, "--config.batch_size=2") == 0
-    for r in [json.loads(x) for x in (other / "manifest.jsonl").read_text().splitlines()]:
-        assert r["indices"] == lines[2 * r["prompt_index"] + r["sample_index"]]["indices"]
-    for n in names:
-        np.testing.assert_allclose(np.asarray(Image.open(other / "images" / n)), first[n], atol=1, err_msg=n)
+    for n in ("00002_00.png", "00002_01.png"):
+        np.testing.assert_allclose(np.asarray(Image.open(out / "images" / n)), first[n], atol=1, err_msg=n)
 
 
 def test_generate_errors(run_dir, tmp_path, capsys):

@@ -1,8 +1,9 @@
 """The tokenizer trainer end to end on a reduced `tiny` config (32 px, 4x4 grid, scales 1, 2, 4): steps on the
-(2, 2, 2) mesh and their exact resume after SIGTERM, overfitting one batch, resume on a different mesh, a folder of
-broken images, stage 2, and zero-weight terms left out. Each distinct configuration is an XLA compile of the whole
-GAN step, most of this file's time, so tests share configurations where their claims allow (the broken-images runs,
-stage 1 of the stage-2 test and the zero-weight test's "skipped" run compile the same step)."""
+(2, 2, 2) mesh and their exact resume after a preemption, overfitting one batch, resume on a different mesh, a
+folder of broken images with SIGTERM's save and resume, stage 2, and zero-weight terms left out. Each distinct
+configuration is an XLA compile of the whole GAN step, most of this file's time, so tests share configurations
+where their claims allow (the broken-images runs, stage 1 of the stage-2 test and the zero-weight test's
+"skipped" run compile the same step)."""
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.recipes.runs import read_metrics
+from tests.recipes.runs import preempted_copy, read_metrics
 from tokenflow_jax import checkpoint
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.data import images as image_io
@@ -81,15 +82,17 @@ class SigtermAt:
             self.inner.start_prefetch()
 
 
-def test_on_the_222_mesh_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
-    """One program compiled once serves three runs on the (2, 2, 2) mesh: four uninterrupted steps (the loss falls
-    before the GAN switches on after step 2, the reconstruction loss over all four), the same run stopped by
-    SIGTERM after step 3, and its resume, which must match the uninterrupted run bit for bit. The reference's loss
-    weights (LPIPS and teacher at 1), not tiny's CPU defaults; one fixed batch (4 examples)."""
+def test_on_the_222_mesh_steps_learn_and_a_preempted_run_resumes_exactly(tmp_path):
+    """Four steps on the (2, 2, 2) mesh (the loss falls before the GAN switches on after step 2, the reconstruction
+    loss over all four), then the run as a preemption after its step-3 checkpoint leaves it: restarted, it redoes
+    step 4 with the discriminator already training and must match the uninterrupted run bit for bit. The reference's
+    loss weights (LPIPS and teacher at 1), not tiny's CPU defaults; one fixed batch (4 examples). SIGTERM's save and
+    resume are the broken-images test's (one device)."""
     def config():
         return small_config("mesh.num_devices=0", "mesh.shape=(2, 2, 2)", "train.num_steps=4", "optim.lr=1e-3",
                             "loss.disc_start=2", "data.num_examples=4", "train.global_batch_size=4",
-                            "train.image_every=4", "loss.lpips_weight=1.0", "loss.semantic_weight=1.0")
+                            "train.checkpoint_every=3", "train.image_every=4", "loss.lpips_weight=1.0",
+                            "loss.semantic_weight=1.0")
 
     full = str(tmp_path / "full")
     trainer.train(config(), full)
@@ -107,25 +110,20 @@ def test_on_the_222_mesh_sigterm_saves_and_resume_continues_exactly(tmp_path, mo
     assert os.path.isfile(tmp_path / "full" / "images" / "recon_00000004.png")
     assert checkpoint.latest_step(os.path.join(full, "checkpoints")) == 4
 
-    interrupted = str(tmp_path / "interrupted")
-    make_dataset = pipeline.make_dataset
-    monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: SigtermAt(iter(make_dataset(*a, **k)), at=3))
-    with pytest.raises(loop.Stopped) as stopped:  # stops cleanly after step 3, unfinished: exit status 143
-        trainer.train(config(), interrupted)
-    assert (stopped.value.step, stopped.value.exit_code) == (3, 143)
-    monkeypatch.setattr(pipeline, "make_dataset", make_dataset)
-    assert checkpoint.latest_step(os.path.join(interrupted, "checkpoints")) == 3
-    assert [m["step"] for m in read_metrics(interrupted)] == [1, 2, 3]
-
-    # A row an abandoned attempt wrote after the last checkpoint must not survive the resume.
-    with open(os.path.join(interrupted, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
-    trainer.train(config(), interrupted)  # resumes at step 3, with the discriminator already training
-    resumed = read_metrics(interrupted)
+    part = preempted_copy(full, str(tmp_path / "part"), step=3)
+    trainer.train(config(), part)  # resumes at step 3, with the discriminator already training
+    resumed = read_metrics(part)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(reference, resumed):
         for key in ("loss", "recon_loss", "lpips_loss", "semantic_loss", "disc_loss", "l2_params"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])  # bit for bit on CPU
+    for run in ("full", "part"):  # the generator and the discriminator
+        stored = stored_params(str(tmp_path / run / "checkpoints" / "4"))
+        disc = checkpoint_item(str(tmp_path / run / "checkpoints" / "4"), "train_state")["disc_params"]
+        if run == "full":
+            expected = (stored, disc)
+        else:
+            jax.tree.map(np.testing.assert_array_equal, (stored, disc), expected)
 
 
 # Slow tier (two compiles of the step): tests/test_checkpoint.py restores a 222-mesh save onto one device
@@ -139,7 +137,7 @@ def test_resume_on_a_different_mesh_shape(tmp_path):
     assert [m["step"] for m in metrics] == [1, 2, 3] and np.isfinite(metrics[-1]["loss"])
 
 
-def test_a_folder_of_broken_images_does_not_stop_training(tmp_path):
+def test_a_folder_of_broken_images_does_not_stop_training_and_sigterm_saves(tmp_path, monkeypatch):
     # 8 files = one batch: each step is one epoch, so every step meets each bad file exactly once.
     folder = tmp_path / "images"
     folder.mkdir()
@@ -152,9 +150,21 @@ def test_a_folder_of_broken_images_does_not_stop_training(tmp_path):
     (folder / "truncated.png").write_bytes(good[: len(good) // 2])
     Image.fromarray(rng.integers(0, 255, (10, 10), dtype=np.uint8)).save(folder / "tiny_grey.png")
     run = str(tmp_path / "run")
-    overrides = (*WITHOUT_LPIPS_AND_GAN, "data.source=folder", f"data.path={folder}", "train.image_every=1")
-    trainer.train(small_config(*overrides, "train.num_steps=2"), run)
-    trainer.train(small_config(*overrides, "train.num_steps=3"), run)  # resumes at step 2
+    overrides = (*WITHOUT_LPIPS_AND_GAN, "data.source=folder", f"data.path={folder}", "train.image_every=1",
+                 "train.num_steps=3")
+    # SIGTERM while the batch of step 2 is fetched: the step finishes, is saved, and the run stops unfinished.
+    make_dataset = pipeline.make_dataset
+    monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: SigtermAt(iter(make_dataset(*a, **k)), at=2))
+    with pytest.raises(loop.Stopped) as stopped:
+        trainer.train(small_config(*overrides), run)
+    assert (stopped.value.step, stopped.value.exit_code) == (2, 143)
+    monkeypatch.setattr(pipeline, "make_dataset", make_dataset)
+    assert checkpoint.latest_step(os.path.join(run, "checkpoints")) == 2
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]
+    # A row an abandoned attempt wrote after the last checkpoint must not survive the resume.
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
+    trainer.train(small_config(*overrides), run)  # resumes at step 2
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
     for m in metrics:  # per-reason counts of the step (log_every=1), exact since a step is an epoch
@@ -203,11 +213,16 @@ def test_stage2_without_a_checkpoint_is_a_clear_error(tmp_path):
         trainer.train(config, str(tmp_path))
 
 
-def stored_params(step_dir):
-    """The generator params a training checkpoint step holds, as host arrays (no target needed)."""
+def checkpoint_item(step_dir, item):
+    """Item ``item`` ('variables', 'train_state') of a training checkpoint step, as host arrays (no target needed)."""
     import orbax.checkpoint as ocp
 
-    return ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "variables"))["params"]
+    return ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, item))
+
+
+def stored_params(step_dir):
+    """The generator params a training checkpoint step holds."""
+    return checkpoint_item(step_dir, "variables")["params"]
 
 
 def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged(tmp_path):
