@@ -117,13 +117,11 @@ def test_on_the_222_mesh_steps_learn_and_a_preempted_run_resumes_exactly(tmp_pat
     for a, b in zip(reference, resumed):
         for key in ("loss", "recon_loss", "lpips_loss", "semantic_loss", "disc_loss", "l2_params"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])  # bit for bit on CPU
-    for run in ("full", "part"):  # the generator and the discriminator
-        stored = stored_params(str(tmp_path / run / "checkpoints" / "4"))
-        disc = checkpoint_item(str(tmp_path / run / "checkpoints" / "4"), "train_state")["disc_params"]
-        if run == "full":
-            expected = (stored, disc)
-        else:
-            jax.tree.map(np.testing.assert_array_equal, (stored, disc), expected)
+    # The stored generator and discriminator parameters too.
+    final = {run: (stored_params(str(tmp_path / run / "checkpoints" / "4")),
+                   checkpoint_item(str(tmp_path / run / "checkpoints" / "4"), "train_state")["disc_params"])
+             for run in ("full", "part")}
+    jax.tree.map(np.testing.assert_array_equal, final["part"], final["full"])
 
 
 # Slow tier (two compiles of the step): tests/test_checkpoint.py restores a 222-mesh save onto one device
