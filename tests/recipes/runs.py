@@ -13,13 +13,18 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+def stored_item(workdir, step, item):
+    """Item ``item`` ('variables', 'train_state') of ``workdir``'s checkpoint ``step`` as host arrays (no target)."""
+    import orbax.checkpoint as ocp
+
+    return jax.device_get(ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), item)))
+
+
 def restored_params(workdir, step):
     """{'params/a/b': host array} of the model variables checkpoint ``step`` of ``workdir`` holds."""
-    import orbax.checkpoint as ocp
     from flax import traverse_util
 
-    stored = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "variables"))
-    return traverse_util.flatten_dict(jax.device_get(stored), sep="/")
+    return traverse_util.flatten_dict(stored_item(workdir, step, "variables"), sep="/")
 
 
 def preempted_copy(workdir, dest, step):

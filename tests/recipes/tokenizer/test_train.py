@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.recipes.runs import preempted_copy, read_metrics
+from tests.recipes.runs import preempted_copy, read_metrics, stored_item
 from tokenflow_jax import checkpoint
 from tokenflow_jax import config as config_lib
 from tokenflow_jax.data import images as image_io
@@ -118,9 +118,8 @@ def test_on_the_222_mesh_steps_learn_and_a_preempted_run_resumes_exactly(tmp_pat
         for key in ("loss", "recon_loss", "lpips_loss", "semantic_loss", "disc_loss", "l2_params"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])  # bit for bit on CPU
     # The stored generator and discriminator parameters too.
-    final = {run: (stored_params(str(tmp_path / run / "checkpoints" / "4")),
-                   checkpoint_item(str(tmp_path / run / "checkpoints" / "4"), "train_state")["disc_params"])
-             for run in ("full", "part")}
+    final = {run: (stored_item(str(tmp_path / run), 4, "variables")["params"],
+                   stored_item(str(tmp_path / run), 4, "train_state")["disc_params"]) for run in ("full", "part")}
     jax.tree.map(np.testing.assert_array_equal, final["part"], final["full"])
 
 
@@ -194,8 +193,8 @@ def test_stage2_trains_only_a_rebuilt_pixel_decoder(tmp_path):
         SMALL + [*WITHOUT_LPIPS_AND_GAN, "train.num_steps=1", f"init.checkpoint={stage1_ckpt}"])
     trainer.train(config, stage2)
 
-    before = stored_params(os.path.join(stage1_ckpt, "1"))
-    after = stored_params(os.path.join(stage2, "checkpoints", "1"))
+    before = stored_item(stage1, 1, "variables")["params"]
+    after = stored_item(stage2, 1, "variables")["params"]
     assert sorted(before) == sorted(after)
     for name in before:
         same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name]))]
@@ -211,18 +210,6 @@ def test_stage2_without_a_checkpoint_is_a_clear_error(tmp_path):
         trainer.train(config, str(tmp_path))
 
 
-def checkpoint_item(step_dir, item):
-    """Item ``item`` ('variables', 'train_state') of a training checkpoint step, as host arrays (no target needed)."""
-    import orbax.checkpoint as ocp
-
-    return ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, item))
-
-
-def stored_params(step_dir):
-    """The generator params a training checkpoint step holds."""
-    return checkpoint_item(step_dir, "variables")["params"]
-
-
 def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged(tmp_path):
     """lpips_weight=0 / disc_weight=0 drop LPIPS and the discriminator from the step (the demo's fast recipe);
     the generator's update equals that of a run keeping them at a negligible weight."""
@@ -236,7 +223,7 @@ def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged(tmp_path):
     assert "lpips_loss" in m_kept[-1] and "disc_loss" in m_kept[-1] and "semantic_loss" in m_skipped[-1]
     assert set(trainer.load_frozen_params(skipped, trainer.build_parts(skipped))) == {"teacher"}  # LPIPS unread
     np.testing.assert_allclose([m["loss"] for m in m_skipped], [m["loss"] for m in m_kept], rtol=1e-5)
-    a, b = (stored_params(str(tmp_path / run / "checkpoints" / "2")) for run in ("skipped", "kept"))
+    a, b = (stored_item(str(tmp_path / run), 2, "variables")["params"] for run in ("skipped", "kept"))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
 
 
