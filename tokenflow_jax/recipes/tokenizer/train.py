@@ -239,7 +239,11 @@ def build_step(config, parts: Parts, mesh, rules, frozen: Any) -> Step:
         boxed_disc = jax.eval_shape(functools.partial(parts.disc.init, train=False), key, dummy)
         model_sh = parallel.shardings_from_abstract(boxed_model, mesh, rules)
         disc_sh = parallel.shardings_from_abstract(boxed_disc, mesh, rules)
-        abstract_state = jax.eval_shape(init_state, key)
+        # The state's shapes from the abstract variables: tracing both inits again (eval_shape of init_state)
+        # costs seconds per run, and the result is the same.
+        abstract_state = jax.eval_shape(functools.partial(state_from_variables, config),
+                                        parallel.unbox_without_constraints(boxed_model),
+                                        parallel.unbox_without_constraints(boxed_disc))
         tx, labels = optim.make_optimizer(config.optim, abstract_state.params, tc.trainable, tc.frozen)
         dtx, _ = optim.make_optimizer(config.disc_optim, abstract_state.disc_params)
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -293,7 +297,6 @@ def aot_programs(config, mesh, rules) -> list[loop.Program]:
 
 def make_init_state(config, parts: Parts):
     """``key -> TrainState``: fresh generator, discriminator, optimizer states (and EMA copy)."""
-    tc = config.train
     size = parts.model.config.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
 
@@ -301,16 +304,23 @@ def make_init_state(config, parts: Parts):
         k_model, k_disc = jax.random.split(key)
         variables = nn.unbox(parts.model.init(k_model, dummy))
         disc_vars = nn.unbox(parts.disc.init(k_disc, dummy, train=False))
-        tx, _ = optim.make_optimizer(config.optim, variables["params"], tc.trainable, tc.frozen)
-        dtx, _ = optim.make_optimizer(config.disc_optim, disc_vars["params"])
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=variables["params"], quantizer=variables.get("quantizer", {}),
-            opt_state=tx.init(variables["params"]), disc_params=disc_vars["params"],
-            disc_stats=disc_vars["batch_stats"], disc_opt_state=dtx.init(disc_vars["params"]),
-            ema_params=variables["params"] if tc.ema_decay > 0 else {},
-        )
+        return state_from_variables(config, variables, disc_vars)
 
     return init_state
+
+
+def state_from_variables(config, variables, disc_vars) -> TrainState:
+    """A fresh TrainState around initial generator and discriminator variables: optimizer states (and the EMA
+    copy). Run on ``jax.ShapeDtypeStruct`` trees under ``jax.eval_shape`` it gives the abstract state."""
+    tc = config.train
+    tx, _ = optim.make_optimizer(config.optim, variables["params"], tc.trainable, tc.frozen)
+    dtx, _ = optim.make_optimizer(config.disc_optim, disc_vars["params"])
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables["params"], quantizer=variables.get("quantizer", {}),
+        opt_state=tx.init(variables["params"]), disc_params=disc_vars["params"],
+        disc_stats=disc_vars["batch_stats"], disc_opt_state=dtx.init(disc_vars["params"]),
+        ema_params=variables["params"] if tc.ema_decay > 0 else {},
+    )
 
 
 def make_train_step(config, parts: Parts, tx, dtx, labels: Any = None):
