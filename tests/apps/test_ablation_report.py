@@ -112,3 +112,17 @@ def test_docs_page_gathers_each_study_with_its_plots(study, tmp_path):
     page = ablation_report.docs([workdir], str(out))
     heading = page.index("## Study `smoke` (shapes world)")
     assert heading < page.index("What it shows.") < page.index("| w_dis=0 | 21.25 |")
+
+
+def test_docs_page_keeps_the_studies_it_is_not_given(study, tmp_path):
+    config, workdir = study
+    ablation_report.write(config, workdir)
+    out = tmp_path / "ablations.md"
+    out.write_text(ablation_report.HEADER[0] + "\n\n## Study `scales` (shapes world)\n\nKept as written.\n\n"
+                   "## Study `smoke` (shapes world)\n\nAn older run.\n\n"
+                   "## Study `mapping` (shapes world)\n\nAlso kept.\n")
+    page = ablation_report.docs([workdir], str(out))
+    assert "Kept as written." in page and "Also kept." in page and "An older run." not in page
+    # The given study replaced its own section in place; the others kept their order around it.
+    assert page.index("Kept as written.") < page.index("| w_dis=0 | 21.25 |") < page.index("Also kept.")
+    assert page.count("## Study `smoke`") == 1 and page.count("# Ablations on the shapes world") == 1

@@ -246,16 +246,39 @@ def write(config, workdir: str) -> dict[str, Any]:
             "done": int(np.sum([p["done"] for p in results["points"]]))}
 
 
+HEADER = ["# Ablations on the shapes world", "",
+          "Each section is a study of configs/ablations.py as `tokenflow-jax sweep` wrote it: the table and plots "
+          "come from the points' own result files (shapes-world numbers, not ImageNet).", ""]
+
+
+def _sections(page: str) -> dict[str, str]:
+    """The study sections of an existing docs page by study name, in page order (each from its ``## Study`` heading
+    to the next one)."""
+    sections: dict[str, str] = {}
+    lines = page.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("## Study `")]
+    for n, start in enumerate(starts):
+        study = lines[start].split("`")[1]
+        end = starts[n + 1] if n + 1 < len(starts) else len(lines)
+        sections[study] = "\n".join(lines[start:end]).rstrip("\n")
+    return sections
+
+
 def docs(study_dirs: Sequence[str], out: str) -> str:
     """One markdown page from the ``results.md`` of each study folder (their headings one level down), the plots
     copied beside it into ``<out without .md>/``; returns the text written to ``out``. A hand-written reading of a
     study, ``<out without .md>/<study>.notes.md`` (what it shows, where it disagrees with the paper), goes under its
-    heading if it exists: the numbers stay generated, the interpretation is kept apart so a regeneration keeps it."""
+    heading if it exists: the numbers stay generated, the interpretation is kept apart so a regeneration keeps it.
+
+    If ``out`` exists, the sections of studies not given are kept as they are, in their place, and a given study
+    replaces its own section or is appended: studies run on different machines (or days) join one page without
+    every study's folder at hand."""
     assets = os.path.splitext(out)[0]
     os.makedirs(assets, exist_ok=True)
-    parts = ["# Ablations on the shapes world", "",
-             "Each section is a study of configs/ablations.py as `tokenflow-jax sweep` wrote it: the table and plots "
-             "come from the points' own result files (shapes-world numbers, not ImageNet).", ""]
+    sections = {}
+    if os.path.isfile(out):
+        with open(out) as f:
+            sections = _sections(f.read())
     for directory in study_dirs:
         with open(os.path.join(directory, "results.json")) as f:
             study = json.load(f)["study"]
@@ -270,8 +293,8 @@ def docs(study_dirs: Sequence[str], out: str) -> str:
         if os.path.isfile(notes):
             with open(notes) as f:
                 lines[1:1] = ["", f.read().strip()]  # under the study's heading, before its table
-        parts += lines + [""]
-    page = "\n".join(parts)
+        sections[study] = "\n".join(lines).rstrip("\n")
+    page = "\n".join(HEADER + [part for section in sections.values() for part in (section, "")])
     with open(out, "w") as f:
         f.write(page)
     return page
