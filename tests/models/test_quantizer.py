@@ -25,6 +25,16 @@ def make(scales=SCALES, k=K, **kw):
     return module, variables
 
 
+def applied(module, **kwargs):
+    """``module.apply`` with ``kwargs`` under one jit: (variables, inputs..., key) -> outputs, the key going to
+    ``rngs={'quantizer': key}`` when given. One XLA compile per test instead of one per eager operation (most of
+    this file's time when run eagerly)."""
+    def run(v, *args, key=None):
+        rngs = {} if key is None else {"rngs": {"quantizer": key}}
+        return module.apply(v, *args, **kwargs, **rngs)
+    return jax.jit(run)
+
+
 def torch_reference_msvq(h_nhwc, cb_sem, cb_pix, scales, w_dis=1.0, drop=None):
     """The reference encode loop (``TokenFlow.encode``) in torch, NCHW, on normalised codebooks.
 
@@ -90,7 +100,7 @@ def test_matches_torch_reference_msvq(rng):
 
 def test_index_range_and_eval_has_no_losses(rng):
     module, v = make()
-    _, aux, idx = module.apply(v, smooth_input(rng))
+    _, aux, idx = applied(module)(v, smooth_input(rng))
     assert 0 <= int(idx.min()) and int(idx.max()) < K
     assert "vq_loss" not in aux and float(aux["scale_mask"].sum()) == len(SCALES)
 
@@ -98,7 +108,7 @@ def test_index_range_and_eval_has_no_losses(rng):
 def test_training_losses_match_reference_formula(rng):
     module, v = make(scale_drop_prob=0.0, beta=0.25)
     h = smooth_input(rng)
-    _, aux, _ = module.apply(v, h, train=True, rngs={"quantizer": prng.make_key(1)})
+    _, aux, _ = applied(module, train=True)(v, h, key=prng.make_key(1))
     _, _, ref_losses, _ = reference(v, h)
     np.testing.assert_allclose(float(aux["vq_loss"]), np.mean([l[0] for l in ref_losses]), rtol=1e-5)
     np.testing.assert_allclose(float(aux["commit_loss"]), 0.25 * np.mean([l[1] for l in ref_losses]), rtol=1e-5)
@@ -108,8 +118,8 @@ def test_w_dis_changes_the_shared_mapping(rng):
     h = smooth_input(rng)
     module1, v = make(w_dis=1.0)
     module0 = qm.MultiScaleQuantizer(qm.QuantizerConfig(codebook_size=K, scales=SCALES, w_dis=0.0))
-    idx1 = np.asarray(module1.apply(v, h)[2])
-    idx0 = np.asarray(module0.apply(v, h)[2])
+    idx1 = np.asarray(applied(module1)(v, h)[2])
+    idx0 = np.asarray(applied(module0)(v, h)[2])
     ref0 = np.concatenate(
         torch_reference_msvq(h, v["params"]["codebook_semantic"], v["params"]["codebook_pixel"], SCALES, 0.0)[1], 1
     )
@@ -126,7 +136,7 @@ def test_straight_through_gradient_reaches_both_halves(rng):
         f, aux, _ = module.apply(v, h, train=True, rngs={"quantizer": prng.make_key(0)})
         return jnp.sum(f * probe) + aux["commit_loss"]
 
-    g = np.asarray(jax.grad(loss)(h))
+    g = np.asarray(jax.jit(jax.grad(loss))(h))
     assert np.abs(g[..., :32]).mean() > 1e-4 and np.abs(g[..., 32:]).mean() > 1e-4
 
 
@@ -138,7 +148,7 @@ def test_codebook_loss_gradient_reaches_codebooks(rng):
         _, aux, _ = module.apply({**v, "params": params}, h, train=True, rngs={"quantizer": prng.make_key(0)})
         return aux["vq_loss"]
 
-    g = jax.grad(loss)(v["params"])
+    g = jax.jit(jax.grad(loss))(v["params"])
     assert float(jnp.abs(g["codebook_semantic"]).sum()) > 0 and float(jnp.abs(g["codebook_pixel"]).sum()) > 0
 
 
@@ -152,7 +162,7 @@ def test_residual_error_does_not_grow_as_scales_are_added(rng):
         errors.append(float(np.linalg.norm(h - np.asarray(f))))
     # Each scale removes unit-norm-per-half codes pointing along the residual: strictly decreasing.
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
-    np.testing.assert_allclose(np.asarray(f), np.asarray(module.apply(v, h)[0]), atol=ATOL)
+    np.testing.assert_allclose(np.asarray(f), np.asarray(applied(module)(v, h)[0]), atol=ATOL)
 
 
 def _partial_sum(module, v, h, n):
@@ -175,8 +185,9 @@ def test_random_scale_drop_matches_reference_with_that_scale_removed(rng):
     module, v = make(scale_drop_prob=1.0)
     h = smooth_input(rng)
     seen = set()
+    step = applied(module, train=True)
     for seed in range(6):
-        f, aux, idx = module.apply(v, h, train=True, rngs={"quantizer": prng.make_key(seed)})
+        f, aux, idx = step(v, h, key=prng.make_key(seed))
         mask = np.asarray(aux["scale_mask"])
         assert mask.sum() == len(SCALES) - 1 and mask[0] == 1
         dropped = int(np.argmin(mask))
@@ -190,21 +201,20 @@ def test_random_scale_drop_matches_reference_with_that_scale_removed(rng):
 
 def test_decode_indices_equals_encode_features_and_accepts_prefixes(rng):
     module, v = make()
-    f, _, idx = module.apply(v, smooth_input(rng))
-    np.testing.assert_allclose(np.asarray(module.apply(v, idx, method="decode_indices")), np.asarray(f), atol=ATOL)
+    f, _, idx = applied(module)(v, smooth_input(rng))
+    decode = applied(module, method="decode_indices")
+    np.testing.assert_allclose(np.asarray(decode(v, idx)), np.asarray(f), atol=ATOL)
     prefix = 1 + 4 + 16
-    partial = module.apply(v, idx[:, :prefix], method="decode_indices")
+    partial = decode(v, idx[:, :prefix])
     assert partial.shape == f.shape
     with pytest.raises(ValueError, match="valid lengths"):
-        module.apply(v, idx[:, :7], method="decode_indices")
+        decode(v, idx[:, :7])
 
 
 def test_usage_state_and_perplexity(rng):
     module, v = make(scale_drop_prob=0.0, usage_window=10)
     h = smooth_input(rng)
-    (_, aux, idx), state = module.apply(
-        v, h, train=True, rngs={"quantizer": prng.make_key(0)}, mutable=["quantizer"]
-    )
+    (_, aux, idx), state = applied(module, train=True, mutable=["quantizer"])(v, h, key=prng.make_key(0))
     used = np.unique(np.asarray(idx))
     age = np.asarray(state["quantizer"]["code_age"])
     assert set(np.flatnonzero(age == 0)) == set(used.tolist())
@@ -240,7 +250,7 @@ def test_ema_step_moves_used_codes_toward_their_inputs(rng):
     module, v = make(codebook_update="ema", ema_decay=0.5, dead_code_threshold=0.0, scale_drop_prob=0.0)
     assert "params" not in v and "codebook_semantic" in v["quantizer"]
     h = smooth_input(rng)
-    (_, aux, idx), state = module.apply(v, h, train=True, rngs={"quantizer": prng.make_key(0)}, mutable=["quantizer"])
+    (_, aux, idx), state = applied(module, train=True, mutable=["quantizer"])(v, h, key=prng.make_key(0))
     assert float(aux["vq_loss"]) == 0.0  # no codebook loss in EMA mode
     old = np.asarray(qm.l2_normalize(v["quantizer"]["codebook_semantic"]))
     new = np.asarray(qm.l2_normalize(state["quantizer"]["codebook_semantic"]))
@@ -263,7 +273,7 @@ def test_ema_step_moves_used_codes_toward_their_inputs(rng):
 def test_ema_dead_codes_restart_from_encoder_outputs(rng):
     module, v = make(codebook_update="ema", dead_code_threshold=0.995, scale_drop_prob=0.0)
     h = smooth_input(rng)
-    (_, _, idx), state = module.apply(v, h, train=True, rngs={"quantizer": prng.make_key(3)}, mutable=["quantizer"])
+    (_, _, idx), state = applied(module, train=True, mutable=["quantizer"])(v, h, key=prng.make_key(3))
     dead = np.setdiff1d(np.arange(K), np.unique(np.asarray(idx)))
     new_sem = np.asarray(state["quantizer"]["codebook_semantic"])
     # Every dead code is now one of this step's normalised semantic inputs (from any scale).
@@ -291,7 +301,7 @@ def test_sharded_codebook_quantizer_equals_unsharded(rng, mesh222):
     """A codebook sharded over 'tensor' (global argmin across shards) gives the same indices."""
     module, v = make(codebook_axis="tensor")
     h = jnp.asarray(smooth_input(rng, b=8))
-    _, _, ref = module.apply(v, h)
+    _, _, ref = applied(module)(v, h)
     rules = tuple((k, "tensor") if k == "codebook" else (k, m) for k, m in parallel.DEFAULT_RULES)
     with jax.set_mesh(mesh222), nn.logical_axis_rules(rules):
         abstract = jax.eval_shape(module.init, prng.make_key(0), h)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.models.test_quantizer import applied
 from tokenflow_jax import prng
 from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import quantizer as qm
@@ -100,30 +101,32 @@ def test_the_three_rules_choose_differently(rng):
     scales = (4,)
     h = random_map(rng, 4)
     shared, v = make("shared", scales)
-    picks = {m: np.asarray(qm.MultiScaleQuantizer(qm.QuantizerConfig(codebook_size=K, scales=scales, mapping=m))
-                           .apply(v, h)[2]) for m in qm.MAPPINGS}
+    picks = {m: np.asarray(applied(qm.MultiScaleQuantizer(qm.QuantizerConfig(codebook_size=K, scales=scales,
+                                                                            mapping=m)))(v, h)[2])
+             for m in qm.MAPPINGS}
     assert (picks["shared"] != picks["pixel_only"]).mean() > 0.3
     assert (picks["shared"] != picks["separate"]).mean() > 0.3
     # separate's pixel side is the pixel-only rule; pixel_only is shared with w_dis -> infinity.
     np.testing.assert_array_equal(picks["separate"], picks["pixel_only"])
     large_w = qm.MultiScaleQuantizer(qm.QuantizerConfig(codebook_size=K, scales=scales, w_dis=1e4))
-    np.testing.assert_array_equal(np.asarray(large_w.apply(v, h)[2]), picks["pixel_only"])
+    np.testing.assert_array_equal(np.asarray(applied(large_w)(v, h)[2]), picks["pixel_only"])
 
 
 def test_separate_training_losses_and_decoding(rng):
     scales = (1, 2, 4)
     module, v = make("separate", scales, scale_drop_prob=0.0)
     h = random_map(rng, 4)
-    f, aux, idx = module.apply(v, h, train=True, rngs={"quantizer": prng.make_key(1)})
+    f, aux, idx = applied(module, train=True)(v, h, key=prng.make_key(1))
     _, _, _, losses = numpy_msvq(h, v["params"]["codebook_semantic"], v["params"]["codebook_pixel"], scales,
                                  "separate")
     np.testing.assert_allclose(float(aux["vq_loss"]), np.mean(losses), rtol=1e-5)
     np.testing.assert_allclose(float(aux["commit_loss"]), 0.25 * np.mean(losses), rtol=1e-5)
     # Both index sets rebuild F exactly; the pixel (generation) indices alone rebuild its pixel half and leave
     # the semantic half at zero.
-    both = module.apply(v, idx, aux["semantic_indices"], method="decode_indices")
+    decode = applied(module, method="decode_indices")
+    both = decode(v, idx, aux["semantic_indices"])
     np.testing.assert_allclose(np.asarray(both), np.asarray(f), atol=1e-5)
-    pixel_only = np.asarray(module.apply(v, idx, method="decode_indices"))
+    pixel_only = np.asarray(decode(v, idx))
     np.testing.assert_allclose(pixel_only[..., SEM:], np.asarray(f)[..., SEM:], atol=1e-5)
     assert np.all(pixel_only[..., :SEM] == 0)
 
@@ -132,8 +135,7 @@ def test_separate_usage_counts_codes_chosen_by_either_half(rng):
     scales = (4,)
     module, v = make("separate", scales, scale_drop_prob=0.0)
     h = random_map(rng, 4)
-    (_, aux, idx), state = module.apply(v, h, train=True, rngs={"quantizer": prng.make_key(1)},
-                                        mutable=["quantizer"])
+    (_, aux, idx), state = applied(module, train=True, mutable=["quantizer"])(v, h, key=prng.make_key(1))
     chosen = set(np.asarray(idx).ravel()) | set(np.asarray(aux["semantic_indices"]).ravel())
     fresh = np.flatnonzero(np.asarray(state["quantizer"]["code_age"]) == 0)
     assert set(fresh.tolist()) == chosen

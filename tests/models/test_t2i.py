@@ -36,7 +36,7 @@ def setup_model(config, batch=2, seed=0, strong_tables=True):
     text_mask[0, :2] = 0  # a left-padded row
     indices = rng.integers(0, config.codebook_size, size=(batch, config.num_tokens)).astype(np.int32)
     codes = jnp.asarray(codebook)[indices]
-    variables = model.init(jax.random.key(seed), text_ids, text_mask, codes)
+    variables = jax.jit(model.init)(jax.random.key(seed), text_ids, text_mask, codes)  # one compile, not one per op
     # Level and position tables are tiny at init (std sqrt(1/3D)); scale them up so tests see their effect.
     params = dict(nn.unbox(variables)["params"])
     if strong_tables:

@@ -25,7 +25,7 @@ def unified_config(t2i_config: t2i.T2IConfig) -> unified.UnifiedConfig:
 
 def unified_params(config: unified.UnifiedConfig, seed: int = 1):
     args = [jnp.zeros(s.shape, s.dtype) for s in unified.init_args(config)]
-    return nn.unbox(unified.UnifiedModel(config).init(jax.random.key(seed), *args))["params"]
+    return nn.unbox(jax.jit(unified.UnifiedModel(config).init)(jax.random.key(seed), *args))["params"]
 
 
 @pytest.mark.parametrize("head", ["separate", "extended"])
