@@ -390,26 +390,30 @@ def build_step(config, model, init_inputs, make_train_step, mesh: Mesh, rules, *
     other_in_shardings: those of the step's arguments after the state; trainable / frozen: the optimizer's
     parameter regexes.
     """
-    def state_from_params(params) -> TrainState:
-        tx, _ = optim.make_optimizer(config.optim, params, trainable, frozen)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(model.init, key, *init_inputs)
+        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
+        abstract_params = parallel.unbox_without_constraints(boxed)["params"]
+        # The optimizer reads only the parameters' paths: built once, it serves the abstract state, the initial
+        # state and the step.
+        tx, labels = optim.make_optimizer(config.optim, abstract_params, trainable, frozen)
+
+        def state_from_params(params) -> TrainState:
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+        # The state's shapes from the abstract parameters: tracing model.init a second time costs seconds per run
+        # for a model of a few layers, and the result is the same.
+        abstract_state = jax.eval_shape(state_from_params, abstract_params)
+        state_sh = TrainState(step=NamedSharding(mesh, PartitionSpec()), params=param_sh,
+                              opt_state=optimizer_state_shardings(abstract_state.opt_state, param_sh, mesh))
+        parallel.check_replication(abstract_state.params, param_sh, mesh,
+                                   config.mesh.get("max_replicated_fraction", 0.05))
 
     def init_state(key) -> TrainState:
         params = nn.unbox(model.init(key, *(jnp.zeros(s.shape, s.dtype) for s in init_inputs)))["params"]
         return state_from_params(params)
 
-    key = prng.make_key(0)  # outside the mesh: compile-only devices cannot hold it
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(model.init, key, *init_inputs)
-        param_sh = parallel.shardings_from_abstract(boxed, mesh, rules)["params"]
-        # The state's shapes from the abstract parameters: tracing model.init a second time (eval_shape of
-        # init_state) costs seconds per run for a model of a few layers, and the result is the same.
-        abstract_state = jax.eval_shape(state_from_params, parallel.unbox_without_constraints(boxed)["params"])
-        tx, labels = optim.make_optimizer(config.optim, abstract_state.params, trainable, frozen)
-        state_sh = TrainState(step=NamedSharding(mesh, PartitionSpec()), params=param_sh,
-                              opt_state=optimizer_state_shardings(abstract_state.opt_state, param_sh, mesh))
-        parallel.check_replication(abstract_state.params, param_sh, mesh,
-                                   config.mesh.get("max_replicated_fraction", 0.05))
     step_fn = jax.jit(make_train_step(tx, labels), in_shardings=(state_sh, *other_in_shardings),
                       out_shardings=(state_sh, None), donate_argnums=0)
     return Step(abstract_state, state_sh, param_sh, labels, tx, init_state, step_fn)

@@ -239,13 +239,13 @@ def build_step(config, parts: Parts, mesh, rules, frozen: Any) -> Step:
         boxed_disc = jax.eval_shape(functools.partial(parts.disc.init, train=False), key, dummy)
         model_sh = parallel.shardings_from_abstract(boxed_model, mesh, rules)
         disc_sh = parallel.shardings_from_abstract(boxed_disc, mesh, rules)
-        # The state's shapes from the abstract variables: tracing both inits again (eval_shape of init_state)
-        # costs seconds per run, and the result is the same.
-        abstract_state = jax.eval_shape(functools.partial(state_from_variables, config),
-                                        parallel.unbox_without_constraints(boxed_model),
-                                        parallel.unbox_without_constraints(boxed_disc))
-        tx, labels = optim.make_optimizer(config.optim, abstract_state.params, tc.trainable, tc.frozen)
-        dtx, _ = optim.make_optimizer(config.disc_optim, abstract_state.disc_params)
+        variables = parallel.unbox_without_constraints(boxed_model)
+        disc_vars = parallel.unbox_without_constraints(boxed_disc)
+        tx, dtx, labels = make_optimizers(config, variables, disc_vars)
+        # The state's shapes from the abstract variables: tracing both inits again costs seconds per run, and the
+        # result is the same.
+        abstract_state = jax.eval_shape(functools.partial(state_from_variables, config, tx, dtx), variables,
+                                        disc_vars)
         replicated = NamedSharding(mesh, PartitionSpec())
         state_sh = TrainState(
             step=replicated, params=model_sh["params"], quantizer=model_sh.get("quantizer", {}),
@@ -304,17 +304,25 @@ def make_init_state(config, parts: Parts):
         k_model, k_disc = jax.random.split(key)
         variables = nn.unbox(parts.model.init(k_model, dummy))
         disc_vars = nn.unbox(parts.disc.init(k_disc, dummy, train=False))
-        return state_from_variables(config, variables, disc_vars)
+        tx, dtx, _ = make_optimizers(config, variables, disc_vars)
+        return state_from_variables(config, tx, dtx, variables, disc_vars)
 
     return init_state
 
 
-def state_from_variables(config, variables, disc_vars) -> TrainState:
+def make_optimizers(config, variables, disc_vars):
+    """(generator optimizer, discriminator optimizer, generator parameter labels); they read only the variables'
+    paths, so abstract variables serve."""
+    tx, labels = optim.make_optimizer(config.optim, variables["params"], config.train.trainable,
+                                      config.train.frozen)
+    dtx, _ = optim.make_optimizer(config.disc_optim, disc_vars["params"])
+    return tx, dtx, labels
+
+
+def state_from_variables(config, tx, dtx, variables, disc_vars) -> TrainState:
     """A fresh TrainState around initial generator and discriminator variables: optimizer states (and the EMA
     copy). Run on ``jax.ShapeDtypeStruct`` trees under ``jax.eval_shape`` it gives the abstract state."""
     tc = config.train
-    tx, _ = optim.make_optimizer(config.optim, variables["params"], tc.trainable, tc.frozen)
-    dtx, _ = optim.make_optimizer(config.disc_optim, disc_vars["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=variables["params"], quantizer=variables.get("quantizer", {}),
         opt_state=tx.init(variables["params"]), disc_params=disc_vars["params"],
