@@ -1,9 +1,9 @@
-"""The tokenizer trainer end to end on a reduced `tiny` config (32 px, 4x4 grid, scales 1, 2, 4): steps on the
-(2, 2, 2) mesh and their exact resume after a preemption, overfitting one batch, resume on a different mesh, a
-folder of broken images with SIGTERM's save and resume, stage 2, and zero-weight terms left out. Each distinct
-configuration is an XLA compile of the whole GAN step, most of this file's time, so tests share configurations
-where their claims allow (the broken-images runs, stage 1 of the stage-2 test and the zero-weight test's
-"skipped" run compile the same step)."""
+"""The tokenizer trainer end to end on a reduced `tiny` config (32 px, 4x4 grid, scales 1, 2, 4): zero-weight terms
+left out and a GAN run's exact resume after a preemption, a folder of broken images with SIGTERM's save and resume,
+stage 2; in the slow tier the GAN recipe on the (2, 2, 2) mesh with its exact resume, overfitting one batch and
+resume on a different mesh. Each distinct configuration is an XLA compile of
+the whole step, most of this file's time, so tests share configurations where their claims allow (the broken-images
+runs, stage 1 of the stage-2 test and the zero-weight test's "skipped" run compile the same step)."""
 import json
 import os
 import signal
@@ -82,6 +82,12 @@ class SigtermAt:
             self.inner.start_prefetch()
 
 
+# Slow tier: the tokenizer's step on 8 devices is the suite's most expensive compile (~110 s on 2 cores with the GAN,
+# ~60 s without). The fast tier keeps its parts: a run preempted with the discriminator training resumes bit for bit
+# on one device (the zero-weight test's GAN run); the tokenizer's forward pass and its codebook search sharded on
+# this mesh equal one device's (tests/models/test_tokenizer.py, test_quantizer.py); a 222-mesh save restores
+# (tests/test_checkpoint.py); and the trainers' shared sharded step and resume run on it for t2i, VLM and unified.
+@pytest.mark.slow
 def test_on_the_222_mesh_steps_learn_and_a_preempted_run_resumes_exactly(tmp_path):
     """Four steps on the (2, 2, 2) mesh (the loss falls before the GAN switches on after step 2, the reconstruction
     loss over all four), then the run as a preemption after its step-3 checkpoint leaves it: restarted, it redoes
@@ -110,17 +116,22 @@ def test_on_the_222_mesh_steps_learn_and_a_preempted_run_resumes_exactly(tmp_pat
     assert os.path.isfile(tmp_path / "full" / "images" / "recon_00000004.png")
     assert checkpoint.latest_step(os.path.join(full, "checkpoints")) == 4
 
-    part = preempted_copy(full, str(tmp_path / "part"), step=3)
-    trainer.train(config(), part)  # resumes at step 3, with the discriminator already training
-    resumed = read_metrics(part)
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    # Resumes at step 3, with the discriminator already training.
+    assert_gan_run_resumes_exactly(config(), full, str(tmp_path / "part"), preempted_at=3, steps=4)
+
+
+def assert_gan_run_resumes_exactly(config, full, part, preempted_at, steps):
+    """Restarts a copy of the finished GAN run ``full`` preempted after checkpoint ``preempted_at`` (in ``part``):
+    its metrics rows, generator and discriminator parameters must equal the uninterrupted run's bit for bit."""
+    trainer.train(config, preempted_copy(full, part, step=preempted_at))
+    reference, resumed = read_metrics(full), read_metrics(part)
+    assert [m["step"] for m in resumed] == list(range(1, steps + 1))
     for a, b in zip(reference, resumed):
         for key in ("loss", "recon_loss", "lpips_loss", "semantic_loss", "disc_loss", "l2_params"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])  # bit for bit on CPU
-    # The stored generator and discriminator parameters too.
-    final = {run: (stored_item(str(tmp_path / run), 4, "variables")["params"],
-                   stored_item(str(tmp_path / run), 4, "train_state")["disc_params"]) for run in ("full", "part")}
-    jax.tree.map(np.testing.assert_array_equal, final["part"], final["full"])
+    final = {run: (stored_item(run, steps, "variables")["params"],
+                   stored_item(run, steps, "train_state")["disc_params"]) for run in (full, part)}
+    jax.tree.map(np.testing.assert_array_equal, final[part], final[full])
 
 
 # Slow tier (two compiles of the step): tests/test_checkpoint.py restores a 222-mesh save onto one device
@@ -210,21 +221,31 @@ def test_stage2_without_a_checkpoint_is_a_clear_error(tmp_path):
         trainer.train(config, str(tmp_path))
 
 
-def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged(tmp_path):
+def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged_and_a_gan_run_resumes_exactly(tmp_path):
     """lpips_weight=0 / disc_weight=0 drop LPIPS and the discriminator from the step (the demo's fast recipe);
-    the generator's update equals that of a run keeping them at a negligible weight."""
-    common_overrides = ("data.num_examples=8", "train.num_steps=2", "train.checkpoint_every=2")
-    skipped = small_config(*common_overrides, *WITHOUT_LPIPS_AND_GAN)
-    kept = small_config(*common_overrides, "loss.lpips_weight=1e-30", "loss.disc_weight=1e-30")
+    the generator's updates equal those of a run that keeps them (LPIPS at a negligible weight, the GAN at 0.5
+    from step 3): the same two steps. That run goes on to step 3 with the discriminator training, and a copy of it
+    preempted after its step-2 checkpoint, restarted, redoes step 3 bit for bit (generator, discriminator, metrics).
+    The fast tier's GAN resume; the slow tier runs the same on the (2, 2, 2) mesh."""
+    common_overrides = ("data.num_examples=8", "train.checkpoint_every=2")
+    skipped = small_config(*common_overrides, "train.num_steps=2", *WITHOUT_LPIPS_AND_GAN)
+    kept = small_config(*common_overrides, "train.num_steps=3", "loss.lpips_weight=1e-30", "loss.disc_weight=0.5",
+                        "loss.disc_start=2")
     trainer.train(skipped, str(tmp_path / "skipped"))
     trainer.train(kept, str(tmp_path / "kept"))
     m_skipped, m_kept = read_metrics(str(tmp_path / "skipped")), read_metrics(str(tmp_path / "kept"))
     assert "lpips_loss" not in m_skipped[-1] and "disc_loss" not in m_skipped[-1]
     assert "lpips_loss" in m_kept[-1] and "disc_loss" in m_kept[-1] and "semantic_loss" in m_skipped[-1]
     assert set(trainer.load_frozen_params(skipped, trainer.build_parts(skipped))) == {"teacher"}  # LPIPS unread
-    np.testing.assert_allclose([m["loss"] for m in m_skipped], [m["loss"] for m in m_kept], rtol=1e-5)
+    np.testing.assert_allclose([m["loss"] for m in m_skipped], [m["loss"] for m in m_kept[:2]], rtol=1e-5)
     a, b = (stored_item(str(tmp_path / run), 2, "variables")["params"] for run in ("skipped", "kept"))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
+
+    # The discriminator trains only from disc_start (its loss is weighted by 0 before).
+    assert m_kept[1]["w_adv"] == 0.0 and m_kept[1]["disc_l2_updates"] == 0.0
+    assert m_kept[2]["w_adv"] == 0.5 and m_kept[2]["disc_l2_updates"] > 0
+    # Resumes at step 2 and redoes step 3 with the discriminator training.
+    assert_gan_run_resumes_exactly(kept, str(tmp_path / "kept"), str(tmp_path / "part"), preempted_at=2, steps=3)
 
 
 def test_vgg_teacher_stride_must_be_8_or_16(tmp_path):
