@@ -114,20 +114,11 @@ LONGEST_FILES = (
     "tests/recipes/tokenizer/test_train.py",
     "tests/recipes/unified/test_serve.py",
     "tests/recipes/vlm/test_train.py",
+    "tests/recipes/unified/test_train.py",
     "tests/recipes/t2i/test_train.py",
     "tests/recipes/t2i/test_sample.py",
-    "tests/models/test_tokenizer.py",
-    "tests/recipes/tokenizer/test_tokenize.py",
-    "tests/recipes/unified/test_train.py",  # after test_serve.py, whose fixture compiles its one-device step
-    "tests/models/test_t2i.py",
-    "tests/ops/test_sampling.py",
-    "tests/models/test_unified.py",
-    "tests/models/test_quantizer.py",
-    "tests/apps/test_compile.py",
-    "tests/models/test_transformer.py",
-    "tests/convert/test_convert_cli.py",
-    "tests/models/test_vlm.py",
     "tests/recipes/tokenizer/test_evaluate.py",
+    "tests/recipes/tokenizer/test_tokenize.py",
 )
 
 
