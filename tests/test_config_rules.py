@@ -79,7 +79,7 @@ def test_the_cases_a_tester_found_name_the_field_and_what_is_expected():
         "optim.lr=0.0": "config.optim.lr=0.0: must be > 0",
         "quantizer.scale_drop_prob=1.5": "config.quantizer.scale_drop_prob=1.5: must be in [0, 1]",
         "optim.b2=1.0": "config.optim.b2=1.0: must be in [0, 1)",
-        "teacher.stride=4": "config.teacher.stride=4: must be one of 8, 16",
+        "teacher.stride=2": "config.teacher.stride=2: must be one of 4, 8, 16",
         "quantizer.scales=(1, 4, 2, 8)": "must be strictly increasing",
         "mesh.shape=(0, 1, 1)": "config.mesh.shape=(0, 1, 1): entry 0 (0) must be >= 1 (or -1)",
     }

@@ -104,7 +104,8 @@ RULES: tuple[tuple[str, Range], ...] = (
     ("loops", Range(choices=(1, 2, 3), nonempty=True, note="passes per scale of each sampling strategy")),
     ("sample.top_k", Range(low=0, nonempty=True, note="one per pass; 0 disables top-k")),
     ("sample.top_p", Range(low=0, high=1, nonempty=True, note="one per pass; 0 disables top-p")),
-    ("teacher.stride", one_of(8, 16, note="VGG16 relu4_3 at the image size or relu5_3 at twice it")),
+    ("teacher.stride", one_of(4, 8, 16, note="VGG16 relu3_3 at half the image size, relu4_3 at the image size or "
+                              "relu5_3 at twice it")),
     ("mesh.shape", at_least(1, also=(-1,), nonempty=True, note="devices per mesh axis; -1: the rest")),
     # ------------------------------------------------------------------------ run length, logs, checkpoints
     ("num_steps", at_least(1, "training steps")),

