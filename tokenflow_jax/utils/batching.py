@@ -14,6 +14,16 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def bucket_length(n: int, per_octave: int = 8) -> int:
+    """``n`` rounded up to one of ``per_octave`` evenly spaced lengths per power of two (at most 1/per_octave of
+    padding; 8 per octave: 80 -> 80, 81 -> 88, 1000 -> 1024), so that inputs of many lengths share a few compiled
+    programs."""
+    if n <= per_octave:
+        return max(n, 0)
+    step = 1 << max((n - 1).bit_length() - 1 - (per_octave.bit_length() - 1), 0)
+    return round_up(n, step)
+
+
 def pad_rows(rows: Sequence[T] | np.ndarray, size: int) -> list[T] | np.ndarray:
     """``rows`` (a non-empty list or an array over its first axis) grown to ``size`` by repeating the last row:
     padding rows are real inputs (no NaNs, no special cases in the program) whose outputs the caller drops."""

@@ -115,15 +115,18 @@ def test_chat_and_eval_vqa_commands_on_a_checkpoint(tmp_path, capsys):
     first = json.loads(open(qfile).readline())
     capsys.readouterr()
     image = os.path.join(os.path.dirname(qfile), first["image"])
-    assert cli.main(["chat", "--checkpoint", ckpt, "--image", image, "--prompt", "How many circles are there?"]) == 0
+    question = "Describe the image."
+    assert cli.main(["chat", "--checkpoint", ckpt, "--image", image, "--prompt", question]) == 0
     streamed = capsys.readouterr().out.strip()
-    # The streamed reply equals the batched answer to the same question.
+    # The streamed reply (its exact prompt) equals the batched answer to the same question, whose prompt the
+    # batched answerer pads to its length bucket.
     from tokenflow_jax.data import images as image_io
     from tokenflow_jax.recipes.vlm.answer import VqaModel
 
     config = cli._load_config(None, [], ckpt)
     vqa = VqaModel.load(config, ckpt)
-    batched = vqa.answer([np.asarray(image_io.read_image(image))], ["How many circles are there?"])
+    assert vqa.prompts([question], bucket=True)[0].shape[1] > vqa.prompts([question])[0].shape[1]
+    batched = vqa.answer([np.asarray(image_io.read_image(image))], [question])
     assert streamed == batched[0]
     # Missing checkpoint: a clear error.
     assert cli.main(["eval-vqa", "--config", "configs/vlm.py:tiny", "--checkpoint", str(tmp_path / "none")]) == 2

@@ -84,8 +84,11 @@ class VqaModel:
 
         return llava.preprocess_image(image, self.image_size, self.config.data.aspect)
 
-    def prompts(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded prompt ids and mask [B, P] (P = the longest prompt)."""
+    def prompts(self, questions: Sequence[str], bucket: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded prompt ids and mask [B, P]: P = the longest prompt, or with ``bucket`` that length rounded up
+        to one of a few per power of two (``batching.bucket_length``) where the positions allow, so that batches of
+        questions of many lengths share a few compiled programs (positions come from the padding: a row's answer
+        does not depend on P)."""
 
         rows = [np.asarray(conversation.generation_prompt(
             q, self.tokenizer, self.config.text.template, num_image_tokens=self.model.config.num_image_tokens))
@@ -99,6 +102,8 @@ class VqaModel:
                             f"image's; with config.generate.max_new_tokens={new_tokens} it needs {length + new_tokens} "
                             f"positions, more than config.model.llm.max_positions={limit}: shorten the question or "
                             "lower config.generate.max_new_tokens")
+        if bucket and batching.bucket_length(length) + new_tokens <= limit:
+            length = batching.bucket_length(length)
         ids = np.full((len(rows), length), int(self.tokenizer.pad_token_id), np.int32)
         mask = np.zeros((len(rows), length), np.int32)
         for b, r in enumerate(rows):
@@ -113,7 +118,7 @@ class VqaModel:
         ways = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")]))
         rows = batching.pad_rows(list(range(n)), batching.round_up(n, ways))
         pixels = np.stack([self.preprocess(np.asarray(images[i])) for i in rows])
-        ids, mask = self.prompts([questions[i] for i in rows])
+        ids, mask = self.prompts([questions[i] for i in rows], bucket=True)
         with jax.set_mesh(self.mesh):
             features = self.encode(self.tok_vars, _sharded(pixels, self.mesh))
             tokens, lengths = self.generator.batch(self.params, _sharded(ids, self.mesh), _sharded(mask, self.mesh),
