@@ -21,7 +21,9 @@ from tokenflow_jax.recipes.unified import serve
 from tokenflow_jax.recipes.unified import train as unified_trainer
 from tokenflow_jax.shapes import scenes as shapes
 
-SAMPLE = ["--config.sample.top_k=(64, 8, 1)", "--config.mesh.shape=(1, 1, 1)", "--config.mesh.num_devices=1",
+# One sampler program for every test here: the official script's one-pass strategy (eval-shapes' `--loops 1`) at
+# batch 4, on one device. Answers too are asked 4 at a time (eval-vqa's batch), one answer program.
+SAMPLE = ["--config.sample.loops=1", "--config.mesh.shape=(1, 1, 1)", "--config.mesh.num_devices=1",
           "--config.batch_size=4"]
 
 
@@ -110,7 +112,8 @@ def test_eval_shapes_chat_and_eval_vqa_accept_the_unified_checkpoint(run, tmp_pa
     assert cli.main(["chat", "--checkpoint", run, "--image", str(image), *question]) == 0
     assert capsys.readouterr().out.endswith("\n")
     vqa_out = tmp_path / "vqa.json"
-    assert cli.main(["eval-vqa", "--checkpoint", run, "--num-per-category", "2", "--out", str(vqa_out)]) == 0
+    assert cli.main(["eval-vqa", "--checkpoint", run, "--num-per-category", "2", "--out", str(vqa_out),
+                     "--config.generate.batch_size=4"]) == 0
     results = json.loads(vqa_out.read_text())["results"]
     assert results["overall"]["n"] == 10  # 5 question categories x 2
 
