@@ -14,10 +14,10 @@ Sampling presets (``preset=NAME``), named for where each comes from:
   official_script  1 pass, top-k 600, top-p 0.6, CFG 7.5: what the released sampling script runs by default
                    (ByteFlow-AI/TokenFlow ``t2i/scripts/run_t2i.sh``: ``--cfg 7.5 --loop 1``), 9 model runs,
                    so ~2.8x fewer forward passes than ``paper``.
-``tiny`` defaults to its own setting (CFG 3.0, top-k [64, 16, 1], top-p [0.8, 0.8, 0], tuned on the shapes
-world with K = 1,024); either preset applies to it too. ``loops`` (1, 2, 3) picks the official script's
-strategy table at the variant's CFG: 1 -> [600] / [0.6], 2 -> [1200, 1] / [0.8, 0], 3 -> [1200, 100, 1] /
-[0.8, 0.8, 0].
+``tiny`` defaults to its own setting (CFG 30, top-k [64, 16, 1], top-p [0.8, 0.8, 0], tuned on the shapes
+world with K = 1,024; ``configs/t2i.py`` has the CFG measurements); either preset applies to it too. ``loops``
+(1, 2, 3) picks the official script's strategy table at the variant's CFG: 1 -> [600] / [0.6], 2 -> [1200, 1] /
+[0.8, 0], 3 -> [1200, 100, 1] / [0.8, 0.8, 0].
 
   tokenflow-jax generate --config configs/sample.py:tiny --checkpoint RUN/checkpoints --prompts FILE \\
       --out DIR [--per-prompt 4] [--seed 0] [--config.sample.cfg_scale=5.0] [--config.sample.loops=1]

@@ -97,7 +97,7 @@ def test_t2i_variants_build_with_the_reference_shapes():
 
 
 def test_sample_configs_take_the_t2i_variants_sampling_defaults():
-    for variant, cfg_scale, top_k in (("tiny", 3.0, (64, 16, 1)), ("7b", 7.5, (1200, 100, 1))):
+    for variant, cfg_scale, top_k in (("tiny", 30.0, (64, 16, 1)), ("7b", 7.5, (1200, 100, 1))):
         config = config_lib.load_config(f"configs/sample.py:{variant}")
         assert config.recipe == "sample" and config.model_config == f"configs/t2i.py:{variant}"
         assert config.sample.cfg_scale == cfg_scale and tuple(config.sample.top_k) == top_k
