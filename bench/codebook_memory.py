@@ -2,7 +2,7 @@
 the machine that trains the 1k ones).
 
 Compiles (does not run) the demo's tokenizer train step (``configs/demo.py``'s `tiny`: no discriminator, AlexNet
-LPIPS, the VGG16 teacher at stride 8, pixel CNNs at width 16, batch 8, one device) at each K, with the codebook loss
+LPIPS, the VGG16 teacher at stride 4, pixel CNNs at width 16, batch 8, one device) at each K, with the codebook loss
 (Adam on the codebooks) and with the EMA update, and prints XLA's memory analysis: arguments (parameters, optimiser
 state, frozen networks, the batch) and temporaries (everything else), with the temporaries' growth over the smallest
 K in units of one codebook's size, K x 40 floats.

@@ -8,7 +8,8 @@ random weights, a fixed random batch, the adversarial term on (``disc_start=0``)
 Configs:
   tiny       ``configs/tokenizer.py:tiny`` (64 px, batch 8), the GAN on.
   tiny-demo  the demo's recipe (``configs/demo.py``): the discriminator left out (``disc_weight=0``), AlexNet
-             LPIPS, the VGG16 teacher at stride 8 (relu4_3 at 64 px), the pixel CNNs at width 16.
+             LPIPS, the VGG16 teacher at stride 4 (relu3_3 at 32 px), the pixel CNNs at width 16, EMA codebook
+             updates.
   b-reduced  TokenFlow-B at 224 px with the full-width CNN branches and decoders, the semantic encoder cut
              to 4 of its 12 blocks, the offline VGG16 teacher instead of CLIP (no download; same 512 width).
 

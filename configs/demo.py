@@ -32,6 +32,15 @@ category (750).
 """
 from tokenflow_jax import config as config_lib
 
+# The tokenizer stage's overrides of configs/tokenizer.py:tiny (see the module docstring).
+TOKENIZER_RECIPE = (
+    "--config.loss.disc_weight=0", "--config.loss.lpips_net=alexnet",
+    "--config.teacher.stride=4", "--config.model.semantic_out_dim=256",
+    "--config.model.pixel_encoder.ch=16", "--config.model.pixel_decoder.ch=16",
+    "--config.quantizer.codebook_update=ema",
+    "--config.optim.lr=2e-3", "--config.optim.schedule=cosine", "--config.optim.warmup_steps=100",
+)
+
 
 def get_config(arg=None):
     del arg
@@ -39,17 +48,14 @@ def get_config(arg=None):
     config.recipe = "demo"
     config.seed = 0
     config.tokenizer = config_lib.ConfigDict(dict(
-        config="configs/tokenizer.py:tiny", num_steps=3000, checkpoint_every=100,
-        overrides=("--config.loss.disc_weight=0", "--config.loss.lpips_net=alexnet", "--config.teacher.stride=8",
-                   "--config.model.pixel_encoder.ch=16", "--config.model.pixel_decoder.ch=16"),
-    ))
+        config="configs/tokenizer.py:tiny", num_steps=3000, checkpoint_every=100, overrides=TOKENIZER_RECIPE))
     # Reconstruction metrics on held-out (validation-split) shapes; no rFID (InceptionV3 at 299 px is the
     # slowest part of an evaluation on CPU and means little for flat synthetic shapes).
     # semantic=True adds the semantic features' cosine to the teacher (the ablation studies read it).
     config.tokenizer_eval = config_lib.ConfigDict(dict(num_images=256, batch_size=32, grid_images=8, semantic=False))
     config.tokenize = config_lib.ConfigDict(dict(num_images=10_000))
     config.t2i = config_lib.ConfigDict(dict(config="configs/t2i.py:tiny", num_steps=900, checkpoint_every=100,
-                                        overrides=("--config.optim.lr=1.5e-3",)))
+                                        overrides=("--config.optim.lr=1.5e-3", "--config.optim.schedule=cosine")))
     # ShapesEval: prompts per GenEval category, sampling strategies (passes per scale) to compare; then a
     # grid of `per_prompt` samples for each of `grid_prompts` held-out prompts with the last strategy.
     config.shapes_eval = config_lib.ConfigDict(dict(config="configs/sample.py:tiny", num_per_category=60, loops=(1, 3),

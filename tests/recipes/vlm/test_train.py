@@ -126,8 +126,9 @@ def test_chat_and_eval_vqa_commands_on_a_checkpoint(tmp_path, capsys):
     config = cli._load_config(None, [], ckpt)
     vqa = VqaModel.load(config, ckpt)
     assert vqa.prompts([question], bucket=True)[0].shape[1] > vqa.prompts([question])[0].shape[1]
-    batched = vqa.answer([np.asarray(image_io.read_image(image))], [question])
-    assert streamed == batched[0]
+    # Four rows, eval-vqa's batch above: the same compiled answer program.
+    batched = vqa.answer([np.asarray(image_io.read_image(image))] * 4, [question] * 4)
+    assert batched == [streamed] * 4
     # Missing checkpoint: a clear error.
     assert cli.main(["eval-vqa", "--config", "configs/vlm.py:tiny", "--checkpoint", str(tmp_path / "none")]) == 2
 
