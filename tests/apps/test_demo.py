@@ -1,6 +1,6 @@
 """The quick-start demo end to end at toy sizes: every stage runs through the real recipes, the report holds
 each figure with its chance level, an interrupted run continues without redoing finished stages, and the
-terminal table is printed. (The full-size demo's figures are in the README; it takes ~20 min.)
+terminal table is printed. (The full-size demo's figures are in the README; it takes ~25 min.)
 
 The toy run compiles every stage's programs (~4-7 min on a 2-core machine), so its tests are in the slow tier; the
 fast tier checks the stage bookkeeping with stand-in stages, and each stage's recipe has its own fast tests
