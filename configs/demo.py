@@ -72,16 +72,13 @@ def get_config(arg=None):
     config.seed = 0
     config.tokenizer = config_lib.ConfigDict(dict(
         config="configs/tokenizer.py:tiny", num_steps=3000, checkpoint_every=100, overrides=TOKENIZER_RECIPE,
-        warmup_steps=100))
+        warmup_steps=100))  # the cosine schedule's warmup, cut to num_steps in shorter runs
     # Reconstruction metrics on held-out (validation-split) shapes; no rFID (InceptionV3 at 299 px is the
     # slowest part of an evaluation on CPU and means little for flat synthetic shapes).
     # semantic=True adds the semantic features' cosine to the teacher (the ablation studies read it).
     config.tokenizer_eval = config_lib.ConfigDict(dict(num_images=256, batch_size=32, grid_images=8, semantic=False))
     config.tokenize = config_lib.ConfigDict(dict(num_images=10_000))
-    # warmup_steps (tokenizer, t2i): the learning-rate warmup, cut to num_steps in shorter runs (a cosine schedule
-    # must not warm up for longer than it decays).
     config.t2i = config_lib.ConfigDict(dict(config="configs/t2i.py:tiny", num_steps=900, checkpoint_every=100,
-                                        warmup_steps=100,
                                         overrides=("--config.optim.lr=1.5e-3",)))
     # ShapesEval: prompts per GenEval category, sampling strategies (passes per scale) to compare; then a
     # grid of `per_prompt` samples for each of `grid_prompts` held-out prompts with the last strategy.

@@ -65,17 +65,12 @@ class Stage:
 
 def tokenizer_config(demo) -> Any:
     c = demo.tokenizer
+    # The warmup at most num_steps: a shortened run keeps a valid cosine schedule (config_rules refuses a warmup
+    # longer than the decay).
     return config_lib.build_config(c.config, [*c.overrides, f"--config.train.num_steps={c.num_steps}",
                                               f"--config.train.checkpoint_every={c.checkpoint_every}",
-                                              *_warmup(c), f"--config.seed={demo.seed}"])
-
-
-def _warmup(c) -> list[str]:
-    """The stage's ``warmup_steps`` (when it has one), at most its num_steps: a shortened run keeps a valid cosine
-    schedule (config_rules refuses a warmup longer than the decay)."""
-    if "warmup_steps" not in c:
-        return []
-    return [f"--config.optim.warmup_steps={min(int(c.warmup_steps), int(c.num_steps))}"]
+                                              f"--config.optim.warmup_steps={min(c.warmup_steps, c.num_steps)}",
+                                              f"--config.seed={demo.seed}"])
 
 
 def tokenizer_checkpoint(workdir: str) -> str:
@@ -86,7 +81,7 @@ def t2i_config(demo, workdir: str) -> Any:
     c = demo.t2i
     return config_lib.build_config(c.config, [
         *c.overrides, f"--config.train.num_steps={c.num_steps}",
-        f"--config.train.checkpoint_every={c.checkpoint_every}", *_warmup(c),
+        f"--config.train.checkpoint_every={c.checkpoint_every}",
         f"--config.data.tokenized={os.path.join(workdir, 'tokens')}",
         f"--config.tokenizer.checkpoint={tokenizer_checkpoint(workdir)}",
         f"--config.tokenizer.overrides={tuple(demo.tokenizer.overrides)!r}", f"--config.seed={demo.seed}"])

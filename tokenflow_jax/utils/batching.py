@@ -15,9 +15,11 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def bucket_length(n: int, per_octave: int = 8) -> int:
-    """``n`` rounded up to one of ``per_octave`` evenly spaced lengths per power of two (at most 1/per_octave of
-    padding; 8 per octave: 80 -> 80, 81 -> 88, 1000 -> 1024), so that inputs of many lengths share a few compiled
-    programs."""
+    """``n`` rounded up to one of ``per_octave`` (a power of two) evenly spaced lengths per power of two (at most
+    1/per_octave of padding; 8 per octave: 80 -> 80, 81 -> 88, 1000 -> 1024), so that inputs of many lengths share
+    a few compiled programs."""
+    if per_octave < 1 or per_octave & (per_octave - 1):
+        raise ValueError(f"bucket_length: per_octave must be a power of two, got {per_octave}")
     if n <= per_octave:
         return max(n, 0)
     step = 1 << max((n - 1).bit_length() - 1 - (per_octave.bit_length() - 1), 0)

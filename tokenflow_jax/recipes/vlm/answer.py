@@ -102,8 +102,9 @@ class VqaModel:
                             f"image's; with config.generate.max_new_tokens={new_tokens} it needs {length + new_tokens} "
                             f"positions, more than config.model.llm.max_positions={limit}: shorten the question or "
                             "lower config.generate.max_new_tokens")
-        if bucket and batching.bucket_length(length) + new_tokens <= limit:
-            length = batching.bucket_length(length)
+        padded = batching.bucket_length(length) if bucket else length
+        if padded + new_tokens <= limit:
+            length = padded
         ids = np.full((len(rows), length), int(self.tokenizer.pad_token_id), np.int32)
         mask = np.zeros((len(rows), length), np.int32)
         for b, r in enumerate(rows):
